@@ -40,6 +40,8 @@ export interface Vma {
   status: number;
   madv?: bigint;
   fdflags?: number;
+  /** Field 8, unused by CRIU (always -1); kept for completeness. */
+  fd?: bigint;
   /** CRIU's vma_entry_can_be_lazy(): private anonymous, not locked/hugetlb/vdso/vvar/vsyscall. */
   lazy: boolean;
 }
@@ -52,6 +54,12 @@ export interface PagemapEntry {
   flags: number;
   /** Byte offset of this entry's first page in this image set's pages-<id>.img (PE_PRESENT only). */
   fileOffset?: bigint;
+  /**
+   * Where this entry's bytes live, filled by readImages: one run for PE_PRESENT (this set's pages
+   * file) or PE_LAZY alone (remote); for PE_PARENT one run per piece of the parent chain that
+   * holds it, in address order.
+   */
+  runs?: PageRun[];
 }
 
 /** Where the bytes of a range live. */
@@ -103,6 +111,8 @@ export interface ProcessImage {
   pgid: number;
   sid: number;
   threads: number[];
+  /** True for a task that was a zombie at dump time: no mm/pagemap images, no memory, pagesId 0. */
+  zombie?: boolean;
   vmas: Vma[];
   pagesId: number;
   pagemap: PagemapEntry[];
