@@ -541,7 +541,7 @@ export function readPages(set: ImageSet, pid: number, vaddr: bigint, nrPages: nu
         'REMOTE_ONLY',
         pid,
         from,
-        `pid ${pid}: pages ${hex(from)}-${hex(to)} are PE_LAZY without PE_PRESENT; their bytes are only on the dump-side page server`,
+        `pid ${pid}: pages ${hex(from)}-${hex(to)} are remote-only (PE_LAZY without PE_PRESENT): their bytes are on the dump-side page server, not on disk`,
       );
     }
     pieces.push({
