@@ -35,8 +35,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAGE 4096UL
-#define WORDS (PAGE / 8)
+#include "pattern.h"
+
 #define MAX_REGIONS 64
 
 struct region {
@@ -56,15 +56,6 @@ static const char *trigger_path;
 static const char *result_path;
 static volatile sig_atomic_t triggered;
 static volatile sig_atomic_t dirty_req;
-
-static uint64_t pattern(uint32_t proc, uint32_t region, uint64_t page, uint64_t word)
-{
-	uint64_t x = ((uint64_t)proc << 56) ^ ((uint64_t)region << 48) ^ (page << 9) ^ word;
-	x ^= x >> 31;
-	x *= 0x9E3779B97F4A7C15ULL;
-	x ^= x >> 29;
-	return x | 1; /* never zero: a zero-filled page can never pass as data */
-}
 
 static int is_hole(const struct region *r, uint64_t page)
 {
@@ -105,8 +96,7 @@ static struct region *add_region(size_t pages, int holes)
 			sink += *(volatile uint8_t *)w; /* read fault: maps the zero page, not dumped */
 			continue;
 		}
-		for (uint64_t j = 0; j < WORDS; j++)
-			w[j] = pattern(proc_index, r->id, i, j);
+		pattern_fill_page(w, (uint32_t)proc_index, r->id, i);
 	}
 	(void)sink;
 	return r;
@@ -124,22 +114,10 @@ static uint64_t verify_all(uint64_t *pages_out, uint64_t *zero_bad_out)
 			const uint64_t *w = (const uint64_t *)(r->addr + i * PAGE);
 			uint64_t orig = r->first + i;
 			int expect_zero = r->zero || is_hole(r, orig);
-			int page_bad = 0;
-			for (uint64_t j = 0; j < WORDS; j++) {
-				uint64_t want = expect_zero ? 0 : pattern(proc_index, r->id, orig, j);
-				if (w[j] != want) {
-					page_bad = 1;
-					break;
-				}
-			}
-			if (page_bad) {
+			if (!pattern_page_ok(w, (uint32_t)proc_index, r->id, orig, expect_zero)) {
 				bad++;
-				if (!expect_zero) {
-					int allzero = 1;
-					for (uint64_t j = 0; j < WORDS && allzero; j++)
-						allzero = w[j] == 0;
-					zero_bad += allzero; /* data replaced by zeros: what a dead daemon leaves */
-				}
+				if (!expect_zero)
+					zero_bad += page_all_zero(w); /* data replaced by zeros: what a dead daemon leaves */
 			}
 			pages++;
 		}
@@ -184,9 +162,7 @@ static void redirty(void)
 	for (uint64_t i = 0; i < r->pages; i += 4) {
 		if (is_hole(r, i))
 			continue;
-		uint64_t *w = (uint64_t *)(r->addr + i * PAGE);
-		for (uint64_t j = 0; j < WORDS; j++)
-			w[j] = pattern(proc_index, r->id, i, j);
+		pattern_fill_page((uint64_t *)(r->addr + i * PAGE), (uint32_t)proc_index, r->id, i);
 	}
 	printf("dirtied %d\n", getpid());
 	fflush(stdout);
