@@ -31,8 +31,11 @@ pub const FEATURE_NAMES: &[(u64, &str)] = &[
 pub const CRIU_FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
 
 /// ioctl bits reported by UFFDIO_API (`_UFFDIO_*` numbers).
-pub const API_IOCTL_NAMES: &[(u64, &str)] =
-    &[(1 << 0x3f, "API"), (1 << 0x00, "REGISTER"), (1 << 0x01, "UNREGISTER")];
+pub const API_IOCTL_NAMES: &[(u64, &str)] = &[
+    (1 << 0x3f, "API"),
+    (1 << 0x00, "REGISTER"),
+    (1 << 0x01, "UNREGISTER"),
+];
 
 /// The outcome of a probe.
 #[derive(Debug, Clone)]
@@ -54,7 +57,11 @@ pub fn probe() -> io::Result<Capabilities> {
     let fd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK)?;
     let api = sys::uffdio_api(&fd, 0)?;
     let pick = |bits: u64, table: &[(u64, &'static str)]| {
-        table.iter().filter(|(b, _)| bits & b != 0).map(|(_, n)| *n).collect::<Vec<_>>()
+        table
+            .iter()
+            .filter(|(b, _)| bits & b != 0)
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
     };
     Ok(Capabilities {
         features: api.features,
@@ -71,8 +78,13 @@ mod tests {
 
     #[test]
     fn probe_reports_the_events_criu_needs() {
-        let caps = probe().expect("userfaultfd probe (needs root or vm.unprivileged_userfaultfd=1)");
-        assert!(caps.criu_noncoop, "features {:#x} lack fork/remap/remove/unmap", caps.features);
+        let caps =
+            probe().expect("userfaultfd probe (needs root or vm.unprivileged_userfaultfd=1)");
+        assert!(
+            caps.criu_noncoop,
+            "features {:#x} lack fork/remap/remove/unmap",
+            caps.features
+        );
         assert!(caps.feature_names.contains(&"EVENT_FORK"));
         assert!(caps.ioctl_names.contains(&"REGISTER"));
     }

@@ -1,14 +1,35 @@
 //! The only place with `unsafe`: thin wrappers over the userfaultfd ABI and the few libc
-//! calls around it. Everything above this module is safe Rust.
+//! calls around it (epoll, `recvmsg` with `SCM_RIGHTS`, `SO_PEERCRED`, `kill`, per-thread CPU
+//! accounting). Everything above this module is safe Rust.
 //!
 //! Layouts and ioctl numbers are those of `linux/userfaultfd.h` on x86_64 (and every 64-bit
-//! Linux arch: the structs have no arch-dependent padding).
+//! Linux arch: the structs have no arch-dependent padding). See `userfaultfd(2)` and
+//! `ioctl_userfaultfd(2)` for the semantics these wrappers expose.
 
+use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::mem::{size_of, zeroed};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::Duration;
 
 pub const UFFD_API: u64 = 0xAA;
 pub const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+pub const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+pub const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+pub const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+pub const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+pub const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+#[cfg_attr(not(test), allow(dead_code))] // the restored task registers, not the daemon
+pub const REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFDIO_COPY_MODE_DONTWAKE` / `UFFDIO_ZEROPAGE_MODE_DONTWAKE`.
+pub const MODE_DONTWAKE: u64 = 1;
+
+/// Size of one `struct uffd_msg`.
+pub const UFFD_MSG_SIZE: usize = 32;
 
 #[repr(C)]
 #[derive(Default, Debug, Clone, Copy)]
@@ -16,6 +37,61 @@ pub struct UffdioApi {
     pub api: u64,
     pub features: u64,
     pub ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+const _: () = assert!(size_of::<UffdioApi>() == 24);
+const _: () = assert!(size_of::<UffdioRange>() == 16);
+const _: () = assert!(size_of::<UffdioRegister>() == 32);
+const _: () = assert!(size_of::<UffdioCopy>() == 40);
+const _: () = assert!(size_of::<UffdioZeropage>() == 32);
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn cvt_size(rc: libc::ssize_t) -> io::Result<usize> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
 }
 
 /// Opens a userfaultfd through the `userfaultfd(2)` syscall.
@@ -32,12 +108,599 @@ pub fn userfaultfd(flags: libc::c_int) -> io::Result<OwnedFd> {
 
 /// UFFDIO_API handshake: asks for `features`, returns what the kernel granted.
 pub fn uffdio_api(fd: &OwnedFd, features: u64) -> io::Result<UffdioApi> {
-    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API reads and writes exactly one `UffdioApi` (24 bytes, repr(C)), which
     // lives on our stack for the duration of the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    cvt(rc)?;
     Ok(api)
+}
+
+/// UFFDIO_REGISTER of `[start, start+len)`; returns the ioctl bits the range supports.
+#[cfg_attr(not(test), allow(dead_code))] // the restored task registers, not the daemon
+pub fn uffdio_register(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> io::Result<u64> {
+    let mut reg = UffdioRegister {
+        range: UffdioRange { start, len },
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one `UffdioRegister` (32 bytes) on our stack.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut _) };
+    cvt(rc)?;
+    Ok(reg.ioctls)
+}
+
+/// UFFDIO_UNREGISTER of `[start, start+len)`.
+pub fn uffdio_unregister(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut range = UffdioRange { start, len };
+    // SAFETY: UFFDIO_UNREGISTER only reads one `UffdioRange` (16 bytes) on our stack.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range as *mut _) };
+    cvt(rc).map(drop)
+}
+
+/// UFFDIO_WAKE of `[start, start+len)`.
+pub fn uffdio_wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut range = UffdioRange { start, len };
+    // SAFETY: UFFDIO_WAKE only reads one `UffdioRange` (16 bytes) on our stack.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WAKE, &mut range as *mut _) };
+    cvt(rc).map(drop)
+}
+
+/// What a filling ioctl (COPY, ZEROPAGE) reported: `Ok(bytes)` when it filled something
+/// (possibly less than asked), `Err` with the errno when it filled nothing.
+fn fill_result(rc: libc::c_int, filled: i64, len: u64) -> io::Result<usize> {
+    if rc == 0 {
+        return Ok(len as usize);
+    }
+    let err = io::Error::last_os_error();
+    if filled > 0 {
+        // A partial fill is reported as -EAGAIN with the byte count in the out field; the
+        // real reason it stopped shows up when the caller retries the rest.
+        return Ok(filled as usize);
+    }
+    Err(err)
+}
+
+/// UFFDIO_COPY of `src` to `dst` in the uffd's mm. Returns the bytes copied (may be short:
+/// the caller retries the rest to learn why), or the errno when nothing was copied.
+pub fn uffdio_copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8], mode: u64) -> io::Result<usize> {
+    let mut copy = UffdioCopy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode,
+        copy: 0,
+    };
+    // SAFETY: the kernel reads `len` bytes from `src`, a live slice borrowed for the call, and
+    // writes only into the other process's registered range and the `copy` out field of the
+    // struct on our stack.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_COPY, &mut copy as *mut _) };
+    fill_result(rc, copy.copy, copy.len)
+}
+
+/// UFFDIO_ZEROPAGE of `[start, start+len)`. Same result convention as [`uffdio_copy`].
+pub fn uffdio_zeropage(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> io::Result<usize> {
+    let mut zp = UffdioZeropage {
+        range: UffdioRange { start, len },
+        mode,
+        zeropage: 0,
+    };
+    // SAFETY: UFFDIO_ZEROPAGE reads and writes one `UffdioZeropage` (32 bytes) on our stack.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut zp as *mut _) };
+    fill_result(rc, zp.zeropage, len)
+}
+
+/// `read(2)` into `buf`; for a uffd that yields whole 32-byte `uffd_msg`s.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into the live, exclusively borrowed
+    // buffer.
+    let rc = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    cvt_size(rc)
+}
+
+/// Takes ownership of an fd number the kernel installed in our table on our behalf (the
+/// `ufd` of a userfaultfd FORK message). Returns `None` for a negative number.
+pub fn adopt_fd(raw: RawFd) -> Option<OwnedFd> {
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: the kernel created this descriptor for us while we read the FORK message; no
+    // other owner exists, so wrapping it (and closing it on drop) is sound.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Sets `O_NONBLOCK` on `fd`.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL take and return plain ints; no memory is passed.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+        if flags & libc::O_NONBLOCK == 0 {
+            cvt(libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_SETFL,
+                flags | libc::O_NONBLOCK,
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates a non-blocking, close-on-exec `AF_UNIX` stream socket bound to `path` with mode
+/// 0600, listening with a backlog of `backlog`. The mode is set between bind and listen, so
+/// nobody can connect while the socket is still open to everyone.
+pub fn unix_listen(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path is {} bytes, the limit is {}",
+                bytes.len(),
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: plain syscall with int arguments.
+    let raw = cvt(unsafe { libc::socket(libc::AF_UNIX, flags, 0) })?;
+    // SAFETY: `raw` is a new descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = (size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un on our stack and `len` does not exceed its size.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    let cpath = CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket path contains NUL"))?;
+    // SAFETY: `cpath` is a valid NUL-terminated string for the duration of the call.
+    cvt(unsafe { libc::chmod(cpath.as_ptr(), 0o600) })?;
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(fd)
+}
+
+/// Credentials of the process at the other end of a connected UNIX socket (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Reads `SO_PEERCRED` of a connected UNIX socket.
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    // SAFETY: ucred is plain old data.
+    let mut cred: libc::ucred = unsafe { zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cred`, which lives on our stack.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// Room for this many descriptors in one control message; more than anyone should send.
+const MAX_FDS: usize = 8;
+
+/// What one `recvmsg` delivered.
+#[derive(Debug)]
+pub struct Received {
+    /// Data bytes read into the buffer; 0 means end of stream.
+    pub len: usize,
+    /// Descriptors that came with them (`SCM_RIGHTS`), now owned by us, close-on-exec. If
+    /// the control data did not fit (`MSG_CTRUNC`) the kernel closed the extra ones.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// One non-blocking `recvmsg` of at most `buf.len()` bytes that also collects any descriptors
+/// passed with `SCM_RIGHTS`. Every read on the CRIU socket goes through here: a plain `read`
+/// that crosses the byte carrying the descriptor would silently drop it.
+pub fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    const _: () = assert!(size_of::<[u64; 16]>() >= 64 + MAX_FDS * 4);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; zero is a valid initial value.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of::<[u64; 16]>() as _;
+    let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+    // SAFETY: `msg` points at `iov` (→ `buf`) and `control`, all alive and exclusively borrowed
+    // for the call; the kernel writes within the lengths given.
+    let len = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) })?;
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel just filled, bounded by
+    // `msg.msg_controllen`; each SCM_RIGHTS payload is an array of ints the kernel installed
+    // as new descriptors in our table, which we take ownership of exactly once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let header = libc::CMSG_LEN(0) as usize;
+                let count =
+                    ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<libc::c_int>();
+                for i in 0..count {
+                    let raw = data.add(i).read_unaligned();
+                    if raw >= 0 {
+                        fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(Received { len, fds })
+}
+
+/// Sends `data` with one descriptor attached (`SCM_RIGHTS`), as CRIU's restored tasks do.
+#[cfg(test)]
+pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut control = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; zero is a valid initial value.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as _;
+    // SAFETY: the control buffer (32 bytes) holds one cmsghdr plus one int; we fill exactly
+    // that; the kernel only reads `data` and `control`, both alive for the call.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+        libc::CMSG_DATA(cmsg)
+            .cast::<libc::c_int>()
+            .write_unaligned(fd.as_raw_fd());
+        cvt_size(libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL))
+    }
+}
+
+/// An epoll instance (`epoll(7)`), level-triggered.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    /// `epoll_create1(EPOLL_CLOEXEC)`.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall with an int argument.
+        let raw = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `raw` is a new descriptor nobody else owns.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
+    }
+
+    /// Watches `fd` for readability, reporting `token`.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: `ev` lives on our stack for the call; the kernel copies it.
+        cvt(unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Stops watching `fd`.
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: as in `add`; the event argument is ignored for DEL but must be non-null on
+        // old kernels.
+        cvt(unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Waits for up to `timeout` (`None` = forever) and appends the tokens of ready fds to
+    /// `out`. Uses `epoll_pwait2` for sub-millisecond timeouts. EINTR yields no tokens.
+    pub fn wait(
+        &self,
+        out: &mut Vec<u64>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let max = max.clamp(1, events.len());
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: the kernel writes at most `max` events into `events` (64 entries on our
+        // stack) and reads the optional timespec; no sigmask is passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                self.fd.as_raw_fd() as libc::c_long,
+                events.as_mut_ptr(),
+                max as libc::c_long,
+                ts_ptr,
+                std::ptr::null::<libc::sigset_t>(),
+                0 as libc::c_long,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        out.extend(events[..rc as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+}
+
+/// The runtime page size (`sysconf(_SC_PAGESIZE)`).
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf takes an int and returns a long; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// `kill(pid, sig)`.
+pub fn kill(pid: i32, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall with int arguments.
+    cvt(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// Our own process id.
+pub fn getpid() -> i32 {
+    std::process::id() as i32
+}
+
+/// The CPU the calling thread is running on, if the kernel tells us.
+pub fn current_cpu() -> Option<u32> {
+    // SAFETY: no arguments; returns a CPU number or -1.
+    let cpu = unsafe { libc::sched_getcpu() };
+    u32::try_from(cpu).ok()
+}
+
+/// User and system CPU time of the calling thread, in microseconds (`RUSAGE_THREAD`).
+pub fn thread_cpu_time_us() -> (u64, u64) {
+    // SAFETY: rusage is plain old data.
+    let mut ru: libc::rusage = unsafe { zeroed() };
+    // SAFETY: the kernel fills the `rusage` on our stack.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return (0, 0);
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(ru.ru_utime), us(ru.ru_stime))
+}
+
+/// Memory helpers for tests that play the restored task inside the test process: an anonymous
+/// private mapping the test registers with its own uffd and then touches, remaps, unmaps.
+#[cfg(test)]
+pub mod testmem {
+    use super::cvt;
+    use std::io;
+
+    /// An anonymous private mapping owned by a test (unmapped on drop). Parts the test unmapped
+    /// or moved away are remembered, so dropping never unmaps an address range that another
+    /// test's mapping has reused since.
+    #[derive(Debug)]
+    pub struct Region {
+        addr: usize,
+        len: usize,
+        gone: std::sync::Mutex<Vec<(usize, usize)>>,
+    }
+
+    // SAFETY: the region is plain memory; tests coordinate which thread touches what, and all
+    // accesses go through copies (`read`/`write`), never references held across threads.
+    unsafe impl Send for Region {}
+    // SAFETY: as above.
+    unsafe impl Sync for Region {}
+
+    impl Region {
+        /// mmap(PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS) of `len` bytes.
+        pub fn map(len: usize) -> io::Result<Self> {
+            // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Self {
+                addr: p as usize,
+                len,
+                gone: std::sync::Mutex::new(Vec::new()),
+            })
+        }
+
+        pub fn addr(&self) -> u64 {
+            self.addr as u64
+        }
+
+        pub fn len(&self) -> usize {
+            self.len
+        }
+
+        /// Copies `buf.len()` bytes out of the region at `off` (faults in missing pages).
+        pub fn read(&self, off: usize, buf: &mut [u8]) {
+            assert!(off + buf.len() <= self.len);
+            // SAFETY: the source range lies inside our live mapping (asserted above); a missing
+            // page blocks in the kernel until the uffd handler fills it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (self.addr + off) as *const u8,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
+            }
+        }
+
+        /// Copies `buf` into the region at `off`.
+        pub fn write(&self, off: usize, buf: &[u8]) {
+            assert!(off + buf.len() <= self.len);
+            // SAFETY: the destination lies inside our live, writable mapping.
+            unsafe {
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), (self.addr + off) as *mut u8, buf.len())
+            }
+        }
+
+        /// madvise(MADV_DONTNEED) of part of the region.
+        pub fn dontneed(&self, off: usize, len: usize) -> io::Result<()> {
+            assert!(off + len <= self.len);
+            // SAFETY: the range lies inside our mapping; dropping its pages is what the test wants.
+            cvt(unsafe {
+                libc::madvise(
+                    (self.addr + off) as *mut libc::c_void,
+                    len,
+                    libc::MADV_DONTNEED,
+                )
+            })
+            .map(drop)
+        }
+
+        /// munmap of part of the region (the bytes there must not be touched afterwards).
+        pub fn unmap_part(&self, off: usize, len: usize) -> io::Result<()> {
+            assert!(off + len <= self.len);
+            // SAFETY: the range lies inside our mapping; the test never touches it again (Drop
+            // unmapping an already unmapped range is harmless).
+            cvt(unsafe { libc::munmap((self.addr + off) as *mut libc::c_void, len) })?;
+            self.forget(off, len);
+            Ok(())
+        }
+
+        fn forget(&self, off: usize, len: usize) {
+            self.gone
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((off, len));
+        }
+
+        /// mremap(MREMAP_MAYMOVE|MREMAP_FIXED) of `[off, off+len)` onto `dst` at `dst_off`;
+        /// the moved part of `self` becomes unmapped.
+        pub fn move_part_to(
+            &self,
+            off: usize,
+            len: usize,
+            dst: &Region,
+            dst_off: usize,
+        ) -> io::Result<()> {
+            assert!(off + len <= self.len && dst_off + len <= dst.len);
+            // SAFETY: both ranges lie inside mappings owned by the test; the destination's old
+            // pages are replaced, the source range becomes unmapped, as the test intends.
+            let p = unsafe {
+                libc::mremap(
+                    (self.addr + off) as *mut libc::c_void,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    (dst.addr + dst_off) as *mut libc::c_void,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            self.forget(off, len);
+            Ok(())
+        }
+    }
+
+    impl Drop for Region {
+        fn drop(&mut self) {
+            let mut gone = std::mem::take(self.gone.get_mut().unwrap_or_else(|p| p.into_inner()));
+            gone.sort_unstable();
+            let mut at = 0;
+            for (off, len) in gone.into_iter().chain([(self.len, 0)]) {
+                if off > at {
+                    // SAFETY: [at, off) is still ours (not unmapped or moved away by the test);
+                    // nothing refers to it after drop.
+                    unsafe { libc::munmap((self.addr + at) as *mut libc::c_void, off - at) };
+                }
+                at = at.max(off + len);
+            }
+        }
+    }
+
+    /// fork(2); the child runs `child` (which must not allocate or lock: the parent is
+    /// multi-threaded) and exits with its return value. Returns the child's pid.
+    pub fn fork_run(child: &dyn Fn() -> i32) -> io::Result<i32> {
+        // SAFETY: the child only runs `child`, which by contract does async-signal-safe work,
+        // then `_exit`s without unwinding or running destructors.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            let code = child();
+            // SAFETY: terminates the child immediately.
+            unsafe { libc::_exit(code) };
+        }
+        Ok(pid)
+    }
+
+    /// waitpid(pid) → exit code (or 128+signal).
+    pub fn wait_child(pid: i32) -> io::Result<i32> {
+        let mut status = 0;
+        // SAFETY: `status` lives on our stack.
+        cvt(unsafe { libc::waitpid(pid, &mut status, 0) })?;
+        if libc::WIFEXITED(status) {
+            Ok(libc::WEXITSTATUS(status))
+        } else {
+            Ok(128 + libc::WTERMSIG(status))
+        }
+    }
 }

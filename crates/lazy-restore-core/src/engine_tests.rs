@@ -1,0 +1,682 @@
+//! End-to-end tests of the engine against real userfaultfds. The test process plays both
+//! parts: it is the "restored task" (an anonymous region registered with its own uffd) and
+//! "criu restore" (it connects to the engine's socket, sends its pid and the uffd, then the
+//! finished word). `kill_on_fatal` is off, since the served task is the test process itself.
+//! Every wait is bounded, so a broken engine fails a test instead of hanging it.
+
+use crate::handoff::{HandoffError, FINISHED_WORD};
+use crate::source::SourceError;
+use crate::sys::{self, testmem::Region};
+use crate::uffd::PAGE_SIZE;
+use crate::{
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, Phase, RangePlan, Report,
+    TaskPlan,
+};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+const P: usize = PAGE_SIZE as usize;
+const FEATURES: u64 = 0x4e;
+
+/// Fork duplicates every uffd in the process (each test's), so the fork test runs alone.
+static FORK_LOCK: RwLock<()> = RwLock::new(());
+
+fn shared_lock() -> std::sync::RwLockReadGuard<'static, ()> {
+    FORK_LOCK.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The expected 8-byte word `j` of file page `f`.
+fn word(f: u64, j: usize) -> u64 {
+    (f << 20 | j as u64 | 1 << 60).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn page_data(f: u64) -> Vec<u8> {
+    (0..P / 8).flat_map(|j| word(f, j).to_ne_bytes()).collect()
+}
+
+fn check_page(buf: &[u8], f: u64) -> bool {
+    buf.chunks_exact(8)
+        .enumerate()
+        .all(|(j, w)| u64::from_ne_bytes(w.try_into().unwrap_or([0; 8])) == word(f, j))
+}
+
+/// Runs `f` on a thread and fails the test if it does not finish within `secs`.
+fn bounded<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {secs}s: {what}"),
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("lr-engine-{}-{n}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A registered region, a pages file, a config and an event log.
+struct Setup {
+    // Field order is drop order: the uffd must close before the region is unmapped, or the
+    // munmap waits forever for someone to read its UNMAP event.
+    uffd: Option<OwnedFd>,
+    dir: TempDir,
+    region: Arc<Region>,
+    cfg: EngineConfig,
+    events: Arc<Mutex<Vec<EngineEvent>>>,
+    pages_path: PathBuf,
+}
+
+/// `region_pages` registered pages; the pages file holds `file_pages` pattern pages; `ranges`
+/// are (first region page, pages, first file page). `prefill` pages are written with 0xAB
+/// before registration (already present: EEXIST for the engine).
+fn setup(
+    name: &str,
+    region_pages: usize,
+    file_pages: u64,
+    ranges: &[(usize, u64, u64)],
+    prefill: &[usize],
+) -> Setup {
+    let dir = TempDir::new(name);
+    let pages_path = dir.0.join("pages-1.img");
+    let mut data = Vec::with_capacity(file_pages as usize * P);
+    for f in 0..file_pages {
+        data.extend(page_data(f));
+    }
+    std::fs::write(&pages_path, data).expect("write pages file");
+    let region = Region::map(region_pages * P).expect("mmap");
+    for &p in prefill {
+        region.write(p * P, &[0xAB; P]);
+    }
+    let uffd =
+        sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK).expect("userfaultfd (needs root)");
+    sys::uffdio_api(&uffd, FEATURES).expect("UFFDIO_API 0x4e");
+    sys::uffdio_register(
+        uffd.as_fd(),
+        region.addr(),
+        region.len() as u64,
+        sys::REGISTER_MODE_MISSING,
+    )
+    .expect("UFFDIO_REGISTER");
+    let ranges = ranges
+        .iter()
+        .map(|&(first, pages, file_page)| RangePlan {
+            start: region.addr() + (first * P) as u64,
+            pages,
+            file: 0,
+            offset: file_page * PAGE_SIZE,
+        })
+        .collect();
+    let mut cfg = EngineConfig::new(
+        dir.0.join("lazy-pages.socket"),
+        vec![TaskPlan {
+            pid: sys::getpid(),
+            ranges,
+        }],
+        vec![pages_path.clone()],
+    );
+    cfg.kill_on_fatal = false;
+    cfg.progress_interval = Duration::from_millis(5);
+    Setup {
+        dir,
+        region: Arc::new(region),
+        uffd: Some(uffd),
+        cfg,
+        events: Arc::default(),
+        pages_path,
+    }
+}
+
+impl Setup {
+    fn start(&self) -> EngineHandle {
+        let events = Arc::clone(&self.events);
+        Engine::start(
+            self.cfg.clone(),
+            Box::new(move |e| events.lock().unwrap_or_else(|p| p.into_inner()).push(e)),
+        )
+        .expect("engine start")
+    }
+
+    fn socket(&self) -> &Path {
+        &self.cfg.socket_path
+    }
+
+    /// Connects, sends our pid and uffd (and drops our copy, as a restored task does).
+    fn handoff(&mut self) -> Criu {
+        let mut c = Criu::connect(self.socket());
+        let uffd = self.uffd.take().expect("uffd already sent");
+        c.task(sys::getpid(), &uffd);
+        c
+    }
+
+    /// Reads page `p` of the region on another thread (it may block on a fault).
+    fn touch(&self, p: usize) -> Vec<u8> {
+        let r = Arc::clone(&self.region);
+        bounded(10, "touching a page", move || {
+            let mut buf = vec![0u8; P];
+            r.read(p * P, &mut buf);
+            buf
+        })
+    }
+
+    fn events(&self) -> Vec<EngineEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The "criu restore" side of the socket.
+struct Criu {
+    s: UnixStream,
+}
+
+impl Criu {
+    fn connect(path: &Path) -> Self {
+        Self {
+            s: UnixStream::connect(path).expect("connect to the engine socket"),
+        }
+    }
+
+    fn int(&mut self, v: i32) {
+        self.s.write_all(&v.to_ne_bytes()).expect("send int");
+    }
+
+    fn task(&mut self, pid: i32, uffd: &OwnedFd) {
+        self.int(pid);
+        sys::send_with_fd(self.s.as_fd(), &[0], uffd.as_fd()).expect("send uffd");
+    }
+
+    fn finished(&mut self) {
+        self.s
+            .write_all(&FINISHED_WORD.to_ne_bytes())
+            .expect("send finished word");
+    }
+}
+
+fn wait(h: EngineHandle) -> Result<Report, EngineError> {
+    bounded(20, "engine wait", move || h.wait())
+}
+
+#[test]
+fn faults_get_copies_holes_get_zeros_and_background_fills_the_rest() {
+    let _l = shared_lock();
+    // Pages 0..10 from file pages 0..10, a hole at 10..12, pages 12..64 from file pages 10..62.
+    let mut s = setup("copy", 64, 62, &[(0, 10, 0), (12, 52, 10)], &[]);
+    let h = s.start();
+    let mut criu = s.handoff();
+    // Before the finished word only faults are served.
+    assert!(
+        check_page(&s.touch(5), 5),
+        "fault on page 5 must copy file page 5"
+    );
+    assert!(s.touch(11).iter().all(|&b| b == 0), "a hole reads as zeros");
+    assert!(check_page(&s.touch(20), 18));
+    std::thread::sleep(Duration::from_millis(20));
+    let st = h.stats();
+    assert_eq!(st.phase, Phase::FaultsOnly);
+    assert_eq!(
+        st.totals.pages_background, 0,
+        "no background copy before the finished word"
+    );
+    criu.finished();
+    let r = wait(h).expect("engine succeeds");
+    let t = &r.tasks[0];
+    assert_eq!((t.faults, t.pages_fault, t.pages_zero), (3, 2, 1));
+    assert_eq!(t.pages_background, 62 - 2);
+    assert_eq!(
+        (t.pages_pending, t.pages_dropped, t.pages_present),
+        (0, 0, 0)
+    );
+    assert_eq!(t.bytes_copied, 62 * PAGE_SIZE);
+    assert!(t.done_us.is_some() && t.first_fault_us.is_some());
+    assert_eq!(r.fault_latency.count, 3);
+    assert!(r.fault_latency.max_us > 0);
+    assert_eq!(r.faults_per_cpu.iter().sum::<u64>(), 3);
+    assert!(r.timeline.connect_us <= r.timeline.all_uffds_us);
+    assert!(r.timeline.all_uffds_us <= r.timeline.finished_us);
+    assert!(r.timeline.finished_us <= r.timeline.done_us);
+    assert_eq!(r.peer.map(|p| p.pid), Some(sys::getpid()));
+    // Everything is in place now, without faults.
+    let mut buf = vec![0u8; P];
+    for p in 0..64 {
+        s.region.read(p * P, &mut buf);
+        match p {
+            0..10 => assert!(check_page(&buf, p as u64), "page {p}"),
+            10..12 => assert!(buf.iter().all(|&b| b == 0), "page {p}"),
+            _ => assert!(check_page(&buf, p as u64 - 2), "page {p}"),
+        }
+    }
+    let ev = s.events();
+    let phases: Vec<Phase> = ev
+        .iter()
+        .filter_map(|e| {
+            if let EngineEvent::Phase { phase, .. } = e {
+                Some(*phase)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(phases, [Phase::FaultsOnly, Phase::Background, Phase::Done]);
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Connected { .. })));
+    assert!(ev.iter().any(|e| matches!(e, EngineEvent::TaskDone { .. })));
+    assert!(ev.iter().any(|e| matches!(e, EngineEvent::Progress { .. })));
+    assert!(matches!(
+        ev.last(),
+        Some(EngineEvent::End { error: None, .. })
+    ));
+}
+
+#[test]
+fn background_fills_everything_with_no_fault() {
+    let _l = shared_lock();
+    let mut s = setup("bg", 300, 300, &[(0, 300, 0)], &[]);
+    s.cfg.chunk_bytes = 64 * 1024;
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.finished();
+    let r = wait(h).expect("engine succeeds");
+    let t = &r.tasks[0];
+    assert_eq!((t.faults, t.pages_background, t.pages_pending), (0, 300, 0));
+    let mut buf = vec![0u8; P];
+    for p in 0..300 {
+        s.region.read(p * P, &mut buf);
+        assert!(check_page(&buf, p as u64), "page {p}");
+    }
+    assert_eq!(r.fault_latency.count, 0);
+}
+
+#[test]
+fn already_present_pages_count_as_done() {
+    let _l = shared_lock();
+    let mut s = setup("eexist", 16, 16, &[(0, 16, 0)], &[3, 9]);
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.finished();
+    let r = wait(h).expect("engine succeeds despite EEXIST");
+    let t = &r.tasks[0];
+    assert_eq!(
+        (t.pages_present, t.pages_background, t.pages_pending),
+        (2, 14, 0)
+    );
+    assert_eq!(s.touch(3), vec![0xAB; P], "a present page is left alone");
+    assert!(check_page(&s.touch(4), 4));
+}
+
+#[test]
+fn removed_pages_read_zero_and_are_dropped() {
+    let _l = shared_lock();
+    let mut s = setup("remove", 32, 32, &[(0, 32, 0)], &[]);
+    let h = s.start();
+    let mut criu = s.handoff();
+    assert!(check_page(&s.touch(0), 0));
+    let r = Arc::clone(&s.region);
+    bounded(10, "madvise", move || r.dontneed(8 * P, 8 * P)).expect("MADV_DONTNEED");
+    criu.finished();
+    let r = wait(h).expect("engine finishes after REMOVE");
+    let t = &r.tasks[0];
+    assert_eq!(
+        (t.pages_dropped, t.pages_fault, t.pages_background),
+        (8, 1, 23)
+    );
+    for p in 8..16 {
+        assert!(
+            s.touch(p).iter().all(|&b| b == 0),
+            "removed page {p} reads zero"
+        );
+    }
+    assert!(check_page(&s.touch(16), 16));
+}
+
+#[test]
+fn unmapped_pages_are_dropped() {
+    let _l = shared_lock();
+    let mut s = setup("unmap", 32, 32, &[(0, 32, 0)], &[]);
+    let h = s.start();
+    let mut criu = s.handoff();
+    let r = Arc::clone(&s.region);
+    bounded(10, "munmap", move || r.unmap_part(16 * P, 16 * P)).expect("munmap");
+    criu.finished();
+    let r = wait(h).expect("engine finishes after UNMAP");
+    let t = &r.tasks[0];
+    assert_eq!(
+        (t.pages_dropped, t.pages_background, t.pages_pending),
+        (16, 16, 0)
+    );
+    assert!(check_page(&s.touch(15), 15));
+}
+
+#[test]
+fn remapped_pages_land_at_their_new_address() {
+    let _l = shared_lock();
+    let mut s = setup("remap", 32, 32, &[(0, 32, 0)], &[]);
+    let dst = Arc::new(Region::map(16 * P).expect("mmap destination"));
+    let h = s.start();
+    let mut criu = s.handoff();
+    let (src, d) = (Arc::clone(&s.region), Arc::clone(&dst));
+    bounded(10, "mremap", move || {
+        src.move_part_to(8 * P, 8 * P, &d, 4 * P)
+    })
+    .expect("mremap");
+    // A fault at the new address is served from the page's image address.
+    let d = Arc::clone(&dst);
+    let page = bounded(10, "touch moved page", move || {
+        let mut b = vec![0u8; P];
+        d.read(6 * P, &mut b);
+        b
+    });
+    assert!(check_page(&page, 10), "dst page 6 = src page 10");
+    criu.finished();
+    let r = wait(h).expect("engine finishes after REMAP");
+    let t = &r.tasks[0];
+    assert_eq!(
+        (
+            t.pages_dropped,
+            t.pages_pending,
+            t.pages_fault,
+            t.pages_background
+        ),
+        (0, 0, 1, 31)
+    );
+    let mut buf = vec![0u8; P];
+    for p in 0..8 {
+        dst.read((4 + p) * P, &mut buf);
+        assert!(check_page(&buf, 8 + p as u64), "moved page {p}");
+    }
+    assert!(check_page(&s.touch(7), 7));
+    assert!(check_page(&s.touch(16), 16));
+}
+
+#[test]
+fn forked_child_is_served_from_the_parents_pending_set() {
+    let _l = FORK_LOCK.write().unwrap_or_else(|p| p.into_inner());
+    let mut s = setup("fork", 16, 16, &[(0, 16, 0)], &[]);
+    let h = s.start();
+    let mut criu = s.handoff();
+    assert!(check_page(&s.touch(1), 1));
+    let region = Arc::clone(&s.region);
+    let child = bounded(10, "fork", move || {
+        // The child only reads memory and compares: no allocation, no locks.
+        sys::testmem::fork_run(&|| {
+            let mut buf = [0u8; P];
+            for p in [1usize, 3] {
+                region.read(p * P, &mut buf);
+                for j in 0..P / 8 {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(&buf[j * 8..j * 8 + 8]);
+                    if u64::from_ne_bytes(w) != word(p as u64, j) {
+                        return 1;
+                    }
+                }
+            }
+            0
+        })
+    })
+    .expect("fork");
+    let code = bounded(10, "child exit", move || sys::testmem::wait_child(child)).expect("waitpid");
+    assert_eq!(code, 0, "the child read the right bytes");
+    criu.finished();
+    let r = wait(h).expect("engine finishes with a forked child");
+    assert_eq!(r.tasks.len(), 2);
+    let c = &r.tasks[1];
+    assert_eq!((c.image_pid, c.child_index), (sys::getpid(), 1));
+    assert_eq!(
+        c.pages_planned, 15,
+        "the child inherits what was pending at fork"
+    );
+    assert_eq!(c.pages_fault, 1, "page 3 was faulted by the child");
+    assert!(c.exited || c.pages_pending == 0);
+    assert!(s
+        .events()
+        .iter()
+        .any(|e| matches!(e, EngineEvent::TaskForked { child_index: 1, .. })));
+    assert_eq!(r.tasks[0].pages_pending, 0);
+    assert!(check_page(&s.touch(3), 3));
+}
+
+fn expect_handoff_error(r: Result<Report, EngineError>) -> HandoffError {
+    match r {
+        Err(EngineError::Handoff(e)) => e,
+        other => panic!("expected a hand-off error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_pid_is_refused() {
+    let _l = shared_lock();
+    let s = setup("unknown", 4, 4, &[(0, 4, 0)], &[]);
+    let h = s.start();
+    let mut criu = Criu::connect(s.socket());
+    criu.int(999_999);
+    let e = expect_handoff_error(wait(h));
+    assert!(
+        matches!(e, HandoffError::UnknownPid { pid: 999_999 }),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_word_after_the_pids_is_refused() {
+    let _l = shared_lock();
+    let mut s = setup("badword", 4, 4, &[(0, 4, 0)], &[]);
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.int(0x1234_5678);
+    let r = wait(h);
+    assert_eq!(r.as_ref().err().map(|e| e.code()), Some("HANDOFF_BAD_WORD"));
+    let e = expect_handoff_error(r);
+    assert!(matches!(e, HandoffError::BadWord { word: 0x1234_5678 }));
+    assert!(e.to_string().contains("0x12345678"), "{e}");
+}
+
+#[test]
+fn eof_before_all_pids_is_reported_with_counts() {
+    let _l = shared_lock();
+    let mut s = setup("eofpids", 4, 4, &[(0, 4, 0)], &[]);
+    s.cfg.tasks.push(TaskPlan {
+        pid: 999_998,
+        ranges: vec![],
+    });
+    let h = s.start();
+    let criu = s.handoff();
+    drop(criu);
+    let e = expect_handoff_error(wait(h));
+    assert!(
+        matches!(
+            e,
+            HandoffError::EofBeforePids {
+                expected: 2,
+                got: 1
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "restore ended before sending all 2 tasks: got 1"
+    );
+}
+
+#[test]
+fn eof_before_the_finished_word_means_restore_failed() {
+    let _l = shared_lock();
+    let mut s = setup("eoffin", 4, 4, &[(0, 4, 0)], &[]);
+    let h = s.start();
+    let criu = s.handoff();
+    drop(criu);
+    let e = expect_handoff_error(wait(h));
+    assert!(matches!(e, HandoffError::EofBeforeFinished), "{e}");
+    assert!(e
+        .to_string()
+        .contains("criu restore failed or was killed before it finished"));
+}
+
+#[test]
+fn a_pid_without_fd_and_a_duplicate_pid_are_refused() {
+    let _l = shared_lock();
+    let s = setup("nofd", 4, 4, &[(0, 4, 0)], &[]);
+    let h = s.start();
+    let mut criu = Criu::connect(s.socket());
+    criu.int(sys::getpid());
+    criu.s.write_all(&[0]).expect("send the data byte alone");
+    assert!(matches!(
+        expect_handoff_error(wait(h)),
+        HandoffError::NoFd { .. }
+    ));
+
+    let mut s = setup("dup", 4, 4, &[(0, 4, 0)], &[]);
+    s.cfg.tasks.push(TaskPlan {
+        pid: 999_997,
+        ranges: vec![],
+    });
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.int(sys::getpid());
+    let e = expect_handoff_error(wait(h));
+    assert!(matches!(e, HandoffError::DuplicatePid { .. }), "{e}");
+}
+
+#[test]
+fn zombies_need_no_fd_and_refused_peers_do_not_stop_listening() {
+    let _l = shared_lock();
+    let mut s = setup("zombie", 8, 8, &[(0, 8, 0)], &[]);
+    s.cfg.tasks.insert(
+        0,
+        TaskPlan {
+            pid: 999_996,
+            ranges: vec![],
+        },
+    );
+    let h = s.start();
+    let mut criu = Criu::connect(s.socket());
+    criu.int(-999_996);
+    let uffd = s.uffd.take().expect("uffd");
+    criu.task(sys::getpid(), &uffd);
+    drop(uffd);
+    criu.finished();
+    let r = wait(h).expect("zombie + live task");
+    assert!(r.tasks[0].zombie && r.tasks[0].exited);
+    assert_eq!(r.tasks[1].pages_background, 8, "{:?}", r.tasks[1]);
+
+    let mut s = setup("refused", 4, 4, &[(0, 4, 0)], &[]);
+    s.cfg.allowed_uids = vec![4242];
+    let mut h = s.start();
+    let _refused = Criu::connect(s.socket());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !s
+        .events()
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Warning { .. }))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning for a refused peer"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!h.is_finished(), "still listening after a refused peer");
+    let _again = Criu::connect(s.socket());
+    bounded(10, "abort", move || h.abort("test over".into()));
+    assert!(s.events().iter().any(|e| matches!(
+        e,
+        EngineEvent::End {
+            code: Some("ABORTED"),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_truncated_pages_file_is_a_source_error_naming_file_and_offset() {
+    let _l = shared_lock();
+    let mut s = setup("trunc", 16, 16, &[(0, 16, 0)], &[]);
+    let h = s.start();
+    // Cut the file under the running engine, past page 4.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.pages_path)
+        .and_then(|f| f.set_len(4 * PAGE_SIZE + 100))
+        .expect("truncate");
+    let mut criu = s.handoff();
+    criu.finished();
+    let r = wait(h);
+    let e = r.expect_err("a short read must fail the engine");
+    assert_eq!(e.code(), "SOURCE_SHORT_READ");
+    match e.cause() {
+        EngineError::PageRead {
+            source: SourceError::ShortRead { path, offset, .. },
+            ..
+        } => {
+            assert_eq!(path, &s.pages_path);
+            assert_eq!(*offset, 0, "the first 256 KiB chunk starts at offset 0");
+        }
+        other => panic!("expected a short read, got {other:?}"),
+    }
+    let msg = e.to_string();
+    assert!(
+        msg.contains("pages-1.img") && msg.contains("offset 0"),
+        "{msg}"
+    );
+    drop(s.dir);
+}
+
+#[test]
+fn a_file_too_short_for_the_plan_is_refused_at_start() {
+    let _l = shared_lock();
+    let mut s = setup("short", 4, 2, &[(0, 4, 0)], &[]);
+    s.uffd = None;
+    let e = Engine::start(s.cfg.clone(), Box::new(|_| {})).expect_err("start must fail");
+    assert_eq!(e.code(), "SOURCE_TOO_SHORT");
+    s.cfg.tasks[0].ranges[0].start += 1;
+    let e = Engine::start(s.cfg.clone(), Box::new(|_| {})).expect_err("start must fail");
+    assert_eq!(e.code(), "PLAN_INVALID");
+}
+
+#[test]
+fn abort_stops_a_running_engine() {
+    let _l = shared_lock();
+    let mut s = setup("abort", 8, 8, &[(0, 8, 0)], &[]);
+    let h = s.start();
+    let _criu = s.handoff();
+    std::thread::sleep(Duration::from_millis(10));
+    h.finish_fast();
+    let mut h = h;
+    bounded(10, "abort", move || {
+        h.abort("operator said stop".into());
+        h
+    });
+    let ev = s.events();
+    match ev.last() {
+        Some(EngineEvent::End {
+            error: Some(msg),
+            code: Some("ABORTED"),
+            ..
+        }) => assert!(msg.contains("operator said stop")),
+        other => panic!("expected an ABORTED end, got {other:?}"),
+    }
+}

@@ -1,0 +1,377 @@
+//! What the engine measures and reports: per-task page counters, the fault service latency
+//! histogram, faults served per CPU, and the plain structs handed to the caller (progress
+//! events, [`Snapshot`], [`Report`]). All times are microseconds since the engine started.
+
+use std::time::Duration;
+
+/// Where the engine is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Listening, or reading pid/uffd messages; faults of tasks already received are served.
+    Handoff,
+    /// Every uffd is here; waiting for the restore-finished word; faults only.
+    FaultsOnly,
+    /// Restore finished: faults first, remaining pages copied in the background.
+    Background,
+    /// Nothing left to fill (or the engine stopped).
+    Done,
+}
+
+impl Phase {
+    /// The name used in events and reports: "handoff" | "faults-only" | "background" | "done".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Handoff => "handoff",
+            Self::FaultsOnly => "faults-only",
+            Self::Background => "background",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// Counters of one served task (a task of the plan, or a child it forked after restore).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskStats {
+    /// The pid in the images (for a forked child: its parent's image pid).
+    pub image_pid: i32,
+    /// 0 for a task of the plan; 1, 2, … for children forked (transitively) from it.
+    pub child_index: u32,
+    /// The host pid we would kill on a fatal error, when we could resolve it.
+    pub host_pid: Option<i32>,
+    /// The task announced itself as a zombie (no memory to serve).
+    pub zombie: bool,
+    /// Lazy pages to fill at the start (for a child: what its parent had pending at fork).
+    pub pages_planned: u64,
+    /// Pages filled because a thread faulted on them.
+    pub pages_fault: u64,
+    /// Pages filled by the background copier.
+    pub pages_background: u64,
+    /// Faults on pages outside the pending set, answered with a zero page.
+    pub pages_zero: u64,
+    /// Pending pages found already present (EEXIST) and counted as done.
+    pub pages_present: u64,
+    /// Pending pages the task unmapped, removed (MADV_DONTNEED) or overwrote by mremap.
+    pub pages_dropped: u64,
+    /// Pending pages abandoned because the task exited.
+    pub pages_orphaned: u64,
+    /// Pages still pending now.
+    pub pages_pending: u64,
+    /// Bytes written into the task with UFFDIO_COPY.
+    pub bytes_copied: u64,
+    /// Page-fault messages received.
+    pub faults: u64,
+    /// COPY/ZEROPAGE attempts that returned EAGAIN and were retried.
+    pub eagain_retries: u64,
+    /// The task exited (ESRCH) while being served.
+    pub exited: bool,
+    /// First fault, µs since engine start.
+    pub first_fault_us: Option<u64>,
+    /// When nothing was left pending for this task, µs since engine start.
+    pub done_us: Option<u64>,
+}
+
+/// Sums over all tasks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub tasks: u32,
+    pub tasks_done: u32,
+    pub tasks_exited: u32,
+    pub pages_planned: u64,
+    pub pages_fault: u64,
+    pub pages_background: u64,
+    pub pages_zero: u64,
+    pub pages_present: u64,
+    pub pages_dropped: u64,
+    pub pages_orphaned: u64,
+    pub pages_pending: u64,
+    pub bytes_copied: u64,
+    pub faults: u64,
+    pub eagain_retries: u64,
+}
+
+impl Totals {
+    /// Adds up `tasks`.
+    pub fn of(tasks: &[TaskStats]) -> Self {
+        let mut t = Totals {
+            tasks: tasks.len() as u32,
+            ..Default::default()
+        };
+        for s in tasks {
+            t.tasks_done += u32::from(s.done_us.is_some());
+            t.tasks_exited += u32::from(s.exited);
+            t.pages_planned += s.pages_planned;
+            t.pages_fault += s.pages_fault;
+            t.pages_background += s.pages_background;
+            t.pages_zero += s.pages_zero;
+            t.pages_present += s.pages_present;
+            t.pages_dropped += s.pages_dropped;
+            t.pages_orphaned += s.pages_orphaned;
+            t.pages_pending += s.pages_pending;
+            t.bytes_copied += s.bytes_copied;
+            t.faults += s.faults;
+            t.eagain_retries += s.eagain_retries;
+        }
+        t
+    }
+}
+
+/// Milestones, µs since engine start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Timeline {
+    /// `criu restore` connected (an accepted peer).
+    pub connect_us: Option<u64>,
+    /// The last pid/uffd message arrived.
+    pub all_uffds_us: Option<u64>,
+    /// The restore-finished word arrived.
+    pub finished_us: Option<u64>,
+    /// Nothing left pending.
+    pub done_us: Option<u64>,
+    /// `finish_fast` was requested.
+    pub finish_fast_us: Option<u64>,
+}
+
+/// Fault service latency distribution, summarised.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencySummary {
+    /// Faults measured.
+    pub count: u64,
+    /// Percentiles in µs: the upper bound of the power-of-two bucket holding that rank, capped
+    /// at the maximum seen (so they are conservative by up to 2x).
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    /// Exact maximum, µs.
+    pub max_us: u64,
+    /// Mean, µs.
+    pub mean_us: u64,
+    /// `buckets[0]` counts < 1 µs; `buckets[i]` counts [2^(i-1), 2^i) µs. Trailing empty
+    /// buckets are trimmed.
+    pub buckets: Vec<u64>,
+}
+
+const BUCKETS: usize = 40;
+
+/// Power-of-two microsecond histogram.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    buckets: [u64; BUCKETS],
+    count: u64,
+    sum_ns: u128,
+    max_ns: u64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: [0; BUCKETS],
+            count: 0,
+            sum_ns: 0,
+            max_ns: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one latency.
+    pub fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let us = ns / 1000;
+        let idx = ((u64::BITS - us.leading_zeros()) as usize).min(BUCKETS - 1);
+        self.buckets[idx] += 1;
+        self.count += 1;
+        self.sum_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn percentile_us(&self, p: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((p * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        let max_us = self.max_ns.div_ceil(1000);
+        for (i, &n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let upper = if i == 0 { 1 } else { 1u64 << i };
+                return upper.min(max_us);
+            }
+        }
+        max_us
+    }
+
+    /// The summary reported to callers.
+    pub fn summary(&self) -> LatencySummary {
+        let last = self
+            .buckets
+            .iter()
+            .rposition(|&n| n > 0)
+            .map_or(0, |i| i + 1);
+        LatencySummary {
+            count: self.count,
+            p50_us: self.percentile_us(0.50),
+            p90_us: self.percentile_us(0.90),
+            p99_us: self.percentile_us(0.99),
+            max_us: self.max_ns.div_ceil(1000),
+            mean_us: if self.count == 0 {
+                0
+            } else {
+                (self.sum_ns / u128::from(self.count) / 1000) as u64
+            },
+            buckets: self.buckets[..last].to_vec(),
+        }
+    }
+}
+
+/// CPU time the engine thread used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTime {
+    pub user_us: u64,
+    pub sys_us: u64,
+}
+
+/// The connecting `criu restore` process (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Everything measured, as of one moment. Returned by `EngineHandle::stats`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub phase: Phase,
+    /// µs since engine start when this snapshot was taken.
+    pub elapsed_us: u64,
+    pub totals: Totals,
+    pub tasks: Vec<TaskStats>,
+    pub timeline: Timeline,
+    pub fault_latency: LatencySummary,
+    /// `faults_per_cpu[c]` = faults served while the engine thread ran on CPU `c`.
+    pub faults_per_cpu: Vec<u64>,
+    pub cpu_time: CpuTime,
+    pub peer: Option<Peer>,
+}
+
+impl Snapshot {
+    /// An empty snapshot (before anything happened).
+    pub fn empty() -> Self {
+        Self {
+            phase: Phase::Handoff,
+            elapsed_us: 0,
+            totals: Totals::default(),
+            tasks: Vec::new(),
+            timeline: Timeline::default(),
+            fault_latency: LatencySummary::default(),
+            faults_per_cpu: Vec::new(),
+            cpu_time: CpuTime::default(),
+            peer: None,
+        }
+    }
+}
+
+/// The final account of a successful run. Same fields as a [`Snapshot`] taken at the end.
+pub type Report = Snapshot;
+
+/// What the engine tells its caller, from its own thread. Progress is batched: at most one
+/// `Progress` per progress interval, and only when something changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// `criu restore` connected and passed the credential check.
+    Connected { at_us: u64, peer: Peer },
+    /// A task's message arrived (`zombie`: negative pid, no uffd).
+    TaskReceived { at_us: u64, pid: i32, zombie: bool },
+    /// A served task forked; the child is served as (`image_pid`, `child_index`).
+    TaskForked {
+        at_us: u64,
+        image_pid: i32,
+        parent_index: u32,
+        child_index: u32,
+    },
+    /// The phase changed.
+    Phase { at_us: u64, phase: Phase },
+    /// Cumulative counters.
+    Progress {
+        at_us: u64,
+        phase: Phase,
+        totals: Totals,
+        tasks: Vec<TaskStats>,
+    },
+    /// A task has nothing left pending (filled, dropped, or it exited).
+    TaskDone { at_us: u64, task: TaskStats },
+    /// Something odd that did not stop the engine.
+    Warning { at_us: u64, message: String },
+    /// The engine stopped: `error` is `None` on success, else the error text and its code.
+    End {
+        at_us: u64,
+        error: Option<String>,
+        code: Option<&'static str>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_percentiles() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.summary().p99_us, 0);
+        for _ in 0..90 {
+            h.record(Duration::from_micros(6)); // bucket 3: [4, 8)
+        }
+        for _ in 0..9 {
+            h.record(Duration::from_micros(40)); // bucket 6: [32, 64)
+        }
+        h.record(Duration::from_millis(3)); // 3000 µs: bucket 12
+        h.record(Duration::from_nanos(300)); // bucket 0
+        let s = h.summary();
+        assert_eq!(s.count, 101);
+        assert_eq!(s.buckets.len(), 13);
+        assert_eq!(
+            (s.buckets[0], s.buckets[3], s.buckets[6], s.buckets[12]),
+            (1, 90, 9, 1)
+        );
+        assert_eq!(s.p50_us, 8);
+        assert_eq!(s.p90_us, 8, "rank 91 of 101 is the last 6 µs sample");
+        assert_eq!(s.p99_us, 64);
+        assert_eq!(s.max_us, 3000);
+        assert!(s.mean_us >= 38 && s.mean_us <= 40, "{}", s.mean_us);
+        let mut h = LatencyHistogram::default();
+        h.record(Duration::from_micros(5));
+        assert_eq!(h.summary().p50_us, 5, "capped at the max");
+    }
+
+    #[test]
+    fn totals_add_up() {
+        let a = TaskStats {
+            pages_planned: 10,
+            pages_fault: 3,
+            done_us: Some(5),
+            ..Default::default()
+        };
+        let b = TaskStats {
+            pages_planned: 4,
+            exited: true,
+            pages_orphaned: 4,
+            ..Default::default()
+        };
+        let t = Totals::of(&[a, b]);
+        assert_eq!(
+            (
+                t.tasks,
+                t.tasks_done,
+                t.tasks_exited,
+                t.pages_planned,
+                t.pages_orphaned
+            ),
+            (2, 1, 1, 14, 4)
+        );
+    }
+}

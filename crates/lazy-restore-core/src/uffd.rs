@@ -1,0 +1,231 @@
+//! A safe handle on one restored task's userfaultfd: read its events without blocking, and
+//! resolve faults with COPY / ZEROPAGE / WAKE, or stop tracking a range with UNREGISTER.
+//!
+//! Semantics follow `userfaultfd(2)` and `ioctl_userfaultfd(2)`; message layout from
+//! `linux/userfaultfd.h` (32-byte `uffd_msg`, event code at byte 0, payload at byte 8).
+
+use crate::sys;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// The page size lazy-restore serves in. CRIU uses the runtime page size; the engine refuses
+/// to start on a host whose page size differs.
+pub const PAGE_SIZE: u64 = 4096;
+
+const EVENT_PAGEFAULT: u8 = 0x12;
+const EVENT_FORK: u8 = 0x13;
+const EVENT_REMAP: u8 = 0x14;
+const EVENT_REMOVE: u8 = 0x15;
+const EVENT_UNMAP: u8 = 0x16;
+
+/// Messages read per `read(2)`.
+const BATCH: usize = 64;
+
+/// One message read from a userfaultfd.
+#[derive(Debug)]
+pub enum Event {
+    /// A thread touched a missing page at `addr` (not page aligned).
+    PageFault { addr: u64, flags: u64 },
+    /// The task forked; the child's new uffd is already in our fd table.
+    Fork { child: Option<OwnedFd> },
+    /// `mremap` moved `[from, from+len)` to `to`.
+    Remap { from: u64, to: u64, len: u64 },
+    /// `madvise(MADV_DONTNEED/REMOVE)` dropped `[start, end)`.
+    Remove { start: u64, end: u64 },
+    /// `munmap` (or an mremap shrink) removed `[start, end)`.
+    Unmap { start: u64, end: u64 },
+    /// An event this daemon did not ask for.
+    Unknown { code: u8 },
+}
+
+/// Why a UFFDIO_COPY / ZEROPAGE / WAKE / UNREGISTER did nothing.
+#[derive(Debug)]
+pub enum CopyError {
+    /// EEXIST: the page is already populated (a raced fault or copy).
+    Exists,
+    /// EAGAIN: the mm is changing (fork, mremap, …); try again shortly.
+    Again,
+    /// ESRCH / ENOSPC (and ENOMEM from UNREGISTER): the task's mm is gone, it exited.
+    Gone,
+    /// ENOENT: no registered mapping there any more.
+    NoMapping,
+    /// Anything else.
+    Other(io::Error),
+}
+
+impl fmt::Display for CopyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exists => f.write_str("page already present (EEXIST)"),
+            Self::Again => f.write_str("address space changing (EAGAIN)"),
+            Self::Gone => f.write_str("task exited (ESRCH)"),
+            Self::NoMapping => f.write_str("no registered mapping (ENOENT)"),
+            Self::Other(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl CopyError {
+    fn from_io(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EEXIST) => Self::Exists,
+            Some(libc::EAGAIN) => Self::Again,
+            Some(libc::ESRCH) | Some(libc::ENOSPC) => Self::Gone,
+            Some(libc::ENOENT) => Self::NoMapping,
+            _ => Self::Other(e),
+        }
+    }
+}
+
+/// A restored task's userfaultfd, owned by the daemon.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    buf: Box<[u8; sys::UFFD_MSG_SIZE * BATCH]>,
+}
+
+impl Uffd {
+    /// Takes ownership of a received uffd and makes sure it is non-blocking.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        sys::set_nonblocking(fd.as_fd())?;
+        Ok(Self {
+            fd,
+            buf: Box::new([0; sys::UFFD_MSG_SIZE * BATCH]),
+        })
+    }
+
+    /// Reads every message available right now (up to one batch) into `out`. Returns the
+    /// number of messages read; 0 when none is ready (EAGAIN) or the uffd reports EOF.
+    pub fn read_events(&mut self, out: &mut Vec<Event>) -> io::Result<usize> {
+        let n = match sys::read(self.fd.as_fd(), &mut self.buf[..]) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let msgs = n / sys::UFFD_MSG_SIZE;
+        for msg in self.buf[..msgs * sys::UFFD_MSG_SIZE].chunks_exact(sys::UFFD_MSG_SIZE) {
+            out.push(parse(msg));
+        }
+        Ok(msgs)
+    }
+
+    /// UFFDIO_COPY `src` to `dst`; returns bytes copied, which may be short of `src.len()`
+    /// (call again for the rest to learn why it stopped).
+    pub fn copy(&self, dst: u64, src: &[u8], dontwake: bool) -> Result<usize, CopyError> {
+        let mode = if dontwake { sys::MODE_DONTWAKE } else { 0 };
+        sys::uffdio_copy(self.fd.as_fd(), dst, src, mode).map_err(CopyError::from_io)
+    }
+
+    /// UFFDIO_ZEROPAGE of `[start, start+len)`; returns bytes filled (may be short).
+    pub fn zeropage(&self, start: u64, len: u64, dontwake: bool) -> Result<usize, CopyError> {
+        let mode = if dontwake { sys::MODE_DONTWAKE } else { 0 };
+        sys::uffdio_zeropage(self.fd.as_fd(), start, len, mode).map_err(CopyError::from_io)
+    }
+
+    /// UFFDIO_WAKE the threads waiting on `[start, start+len)`.
+    pub fn wake(&self, start: u64, len: u64) -> Result<(), CopyError> {
+        sys::uffdio_wake(self.fd.as_fd(), start, len).map_err(CopyError::from_io)
+    }
+
+    /// UFFDIO_UNREGISTER `[start, start+len)`, so later faults there are the kernel's own.
+    pub fn unregister(&self, start: u64, len: u64) -> Result<(), CopyError> {
+        sys::uffdio_unregister(self.fd.as_fd(), start, len).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOMEM) => CopyError::Gone,
+            _ => CopyError::from_io(e),
+        })
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn u64_at(msg: &[u8], off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&msg[off..off + 8]);
+    u64::from_ne_bytes(b)
+}
+
+fn parse(msg: &[u8]) -> Event {
+    match msg[0] {
+        EVENT_PAGEFAULT => Event::PageFault {
+            flags: u64_at(msg, 8),
+            addr: u64_at(msg, 16),
+        },
+        EVENT_FORK => {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&msg[8..12]);
+            Event::Fork {
+                child: sys::adopt_fd(u32::from_ne_bytes(b) as i32),
+            }
+        }
+        EVENT_REMAP => Event::Remap {
+            from: u64_at(msg, 8),
+            to: u64_at(msg, 16),
+            len: u64_at(msg, 24),
+        },
+        EVENT_REMOVE => Event::Remove {
+            start: u64_at(msg, 8),
+            end: u64_at(msg, 16),
+        },
+        EVENT_UNMAP => Event::Unmap {
+            start: u64_at(msg, 8),
+            end: u64_at(msg, 16),
+        },
+        code => Event::Unknown { code },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_event_layout() {
+        let mut m = [0u8; 32];
+        m[0] = EVENT_PAGEFAULT;
+        m[8..16].copy_from_slice(&1u64.to_ne_bytes());
+        m[16..24].copy_from_slice(&0x7f00_1234u64.to_ne_bytes());
+        assert!(matches!(
+            parse(&m),
+            Event::PageFault {
+                addr: 0x7f00_1234,
+                flags: 1
+            }
+        ));
+        let mut m = [0u8; 32];
+        m[0] = EVENT_REMAP;
+        m[8..16].copy_from_slice(&0x1000u64.to_ne_bytes());
+        m[16..24].copy_from_slice(&0x9000u64.to_ne_bytes());
+        m[24..32].copy_from_slice(&0x2000u64.to_ne_bytes());
+        assert!(matches!(
+            parse(&m),
+            Event::Remap {
+                from: 0x1000,
+                to: 0x9000,
+                len: 0x2000
+            }
+        ));
+        m[0] = EVENT_UNMAP;
+        assert!(matches!(
+            parse(&m),
+            Event::Unmap {
+                start: 0x1000,
+                end: 0x9000
+            }
+        ));
+        m[0] = EVENT_REMOVE;
+        assert!(matches!(
+            parse(&m),
+            Event::Remove {
+                start: 0x1000,
+                end: 0x9000
+            }
+        ));
+        m[0] = 0x77;
+        assert!(matches!(parse(&m), Event::Unknown { code: 0x77 }));
+    }
+}
