@@ -25,7 +25,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,8 @@ struct Shared {
     abort_flag: AtomicBool,
     finish_fast: AtomicBool,
     snapshot: Mutex<Snapshot>,
+    ended: Mutex<bool>,
+    ended_cv: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,6 +94,8 @@ impl Engine {
             abort_flag: AtomicBool::new(false),
             finish_fast: AtomicBool::new(false),
             snapshot: Mutex::new(Snapshot::empty()),
+            ended: Mutex::new(false),
+            ended_cv: Condvar::new(),
         });
         let fault_loop = FaultLoop::new(
             config,
@@ -102,13 +106,19 @@ impl Engine {
             Arc::clone(&shared),
             on_event,
         );
+        let guard = EndedGuard(Arc::clone(&shared));
         let thread = std::thread::Builder::new()
             .name("lazy-restore-engine".into())
-            .spawn(move || fault_loop.run())
+            .spawn(move || {
+                let _ended = guard;
+                fault_loop.run()
+            })
             .map_err(io_err("spawning the engine thread"))?;
         Ok(EngineHandle {
-            shared,
-            wake: wake_tx,
+            control: EngineControl {
+                shared,
+                wake: Arc::new(wake_tx),
+            },
             thread: Some(thread),
         })
     }
@@ -117,8 +127,7 @@ impl Engine {
 /// Control of a running engine. Dropping a handle whose engine still runs aborts it.
 #[derive(Debug)]
 pub struct EngineHandle {
-    shared: Arc<Shared>,
-    wake: UnixStream,
+    control: EngineControl,
     thread: Option<JoinHandle<Result<Report, EngineError>>>,
 }
 
@@ -126,19 +135,18 @@ impl EngineHandle {
     /// The latest published numbers (refreshed at every progress tick, phase change, task
     /// completion and at the end). Cheap; callable from any thread.
     pub fn stats(&self) -> Snapshot {
-        lock(&self.shared.snapshot).clone()
+        self.control.stats()
     }
 
     /// Asks the engine to copy everything that remains at full speed, then end.
     pub fn finish_fast(&self) {
-        self.shared.finish_fast.store(true, Ordering::SeqCst);
-        self.poke();
+        self.control.finish_fast();
     }
 
     /// Stops the engine: if pages are still outstanding the served tree is killed (when the
     /// config says so). Returns after the engine thread has ended.
     pub fn abort(&mut self, reason: String) {
-        self.request_abort(reason);
+        self.control.request_abort(reason);
         if let Some(t) = self.thread.take() {
             // The result is dropped: the caller asked to stop.
             let _ = t.join();
@@ -160,7 +168,35 @@ impl EngineHandle {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    fn request_abort(&self, reason: String) {
+    /// A cloneable control for other threads (stats, finish-fast, abort requests), usable
+    /// while another thread blocks in [`EngineHandle::wait`].
+    pub fn control(&self) -> EngineControl {
+        self.control.clone()
+    }
+}
+
+/// Non-blocking control of an engine, cloneable and usable from any thread.
+#[derive(Debug, Clone)]
+pub struct EngineControl {
+    shared: Arc<Shared>,
+    wake: Arc<UnixStream>,
+}
+
+impl EngineControl {
+    /// See [`EngineHandle::stats`].
+    pub fn stats(&self) -> Snapshot {
+        lock(&self.shared.snapshot).clone()
+    }
+
+    /// See [`EngineHandle::finish_fast`].
+    pub fn finish_fast(&self) {
+        self.shared.finish_fast.store(true, Ordering::SeqCst);
+        self.poke();
+    }
+
+    /// Asks the engine to stop (killing the served tree if pages are outstanding and the config
+    /// says so) without waiting for it. The first reason given wins.
+    pub fn request_abort(&self, reason: String) {
         let mut slot = lock(&self.shared.abort);
         if slot.is_none() {
             *slot = Some(reason);
@@ -170,9 +206,37 @@ impl EngineHandle {
         self.poke();
     }
 
+    /// True once the engine thread has done all its work (uffds closed, tree killed if it had
+    /// to be, end event emitted).
+    pub fn has_ended(&self) -> bool {
+        *lock(&self.shared.ended)
+    }
+
+    /// Blocks until [`EngineControl::has_ended`].
+    pub fn wait_ended(&self) {
+        let mut ended = lock(&self.shared.ended);
+        while !*ended {
+            ended = self
+                .shared
+                .ended_cv
+                .wait(ended)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     fn poke(&self) {
         // A full pipe already means "wake up"; nothing else can go wrong that matters here.
-        let _ = (&self.wake).write(&[1]);
+        let _ = (&*self.wake).write(&[1]);
+    }
+}
+
+/// Marks the engine ended when dropped, even if the engine thread unwinds.
+struct EndedGuard(Arc<Shared>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        *lock(&self.0.ended) = true;
+        self.0.ended_cv.notify_all();
     }
 }
 

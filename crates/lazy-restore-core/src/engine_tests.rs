@@ -680,3 +680,27 @@ fn abort_stops_a_running_engine() {
         other => panic!("expected an ABORTED end, got {other:?}"),
     }
 }
+
+#[test]
+fn control_aborts_while_another_thread_waits() {
+    let _l = shared_lock();
+    let mut s = setup("control", 8, 8, &[(0, 8, 0)], &[]);
+    let h = s.start();
+    let control = h.control();
+    let _criu = s.handoff();
+    let waiter = std::thread::spawn(move || h.wait());
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(!control.has_ended());
+    assert_eq!(control.stats().phase, Phase::FaultsOnly);
+    control.request_abort("first".into());
+    control.request_abort("second".into());
+    let c = control.clone();
+    bounded(10, "wait_ended", move || c.wait_ended());
+    assert!(control.has_ended());
+    let r = bounded(10, "join", move || waiter.join().expect("waiter thread"));
+    match r {
+        Err(EngineError::Aborted { reason }) => assert_eq!(reason, "first"),
+        other => panic!("expected Aborted, got {other:?}"),
+    }
+    assert_eq!(control.stats().phase, Phase::Done);
+}

@@ -23,7 +23,7 @@ pub mod uffd;
 #[cfg(test)]
 mod engine_tests;
 
-pub use engine::{Engine, EngineHandle, EventSink};
+pub use engine::{Engine, EngineControl, EngineHandle, EventSink};
 pub use error::EngineError;
 pub use plan::{EngineConfig, PlanError, RangePlan, TaskPlan, DEFAULT_CHUNK_BYTES};
 pub use source::{FileSource, PageSource, SourceError};
