@@ -24,6 +24,8 @@
  *           does `random`; the root (role=parent, no benchmark memory) waits for them.
  *
  * Protocol with the harness (as lr-workload):
+ *   - the root calls setsid(): a plain `criu dump -t ROOT` (no --shell-job) needs the dumped
+ *     root to lead its session.
  *   - stdout: "pids <root> [<child>...]" then "ready <pid> <nprocs>" once every process has
  *     filled its memory (and, for hotset, measured its steady rate): from then on the tree
  *     may be dumped.
@@ -31,8 +33,10 @@
  *     the restored pids and never races criu's ptrace seize); the file must not exist at dump
  *     time. Times are measured from the moment a process sees it.
  *   - each process appends one line (one O_APPEND write) to --result:
- *     "mode=M role=R pid=P pages=N bad=B ws_bad=W ws_ms=T total_ms=T steady_ops=S ops100=a,b,... ok=1|0"
- *     (ops100 is "-" outside hotset) and exits 0 only when its memory, and every child's, is
+ *     "mode=M role=R pid=P pages=N bad=B ws_bad=W ws_ms=T total_ms=T steady_ops=S ops100=a,b,...
+ *      t0_rt_ns=N ok=1|0"
+ *     (ops100 is "-" outside hotset; t0_rt_ns: CLOCK_REALTIME when the trigger was seen, the
+ *     origin of ws_ms and total_ms, which are measured with CLOCK_MONOTONIC) and exits 0 only when its memory, and every child's, is
  *     correct.
  */
 #define _GNU_SOURCE
@@ -81,6 +85,11 @@ static double now_ms(void)
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
+
+/* When this process saw the trigger, CLOCK_REALTIME ns, so the harness can time "restore
+ * started -> working set". Not CLOCK_MONOTONIC: criu restores the tree into a time namespace
+ * whose monotonic clock continues from the dump, so it is not the harness's. */
+static uint64_t trigger_rt_ns;
 
 static void die(const char *what)
 {
@@ -184,6 +193,9 @@ static void wait_trigger(void)
 	struct timespec ms = { 0, 1000000 };
 	while (stat(trigger_path, &st) != 0)
 		nanosleep(&ms, NULL);
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	trigger_rt_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 static void report(uint64_t pages, uint64_t bad, uint64_t ws_bad, double ws_ms, double total_ms,
@@ -199,9 +211,10 @@ static void report(uint64_t pages, uint64_t bad, uint64_t ws_bad, double ws_ms, 
 	char line[1024];
 	int n = snprintf(line, sizeof line,
 			 "mode=%s role=%s pid=%d pages=%llu bad=%llu ws_bad=%llu ws_ms=%.3f total_ms=%.3f "
-			 "steady_ops=%.0f ops100=%s ok=%d\n",
+			 "steady_ops=%.0f ops100=%s t0_rt_ns=%llu ok=%d\n",
 			 mode_names[mode], role, getpid(), (unsigned long long)pages, (unsigned long long)bad,
-			 (unsigned long long)ws_bad, ws_ms, total_ms, steady_ops, buckets, ok);
+			 (unsigned long long)ws_bad, ws_ms, total_ms, steady_ops, buckets,
+			 (unsigned long long)trigger_rt_ns, ok);
 	int fd = open(result_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
 	if (fd < 0)
 		die("open --result");
@@ -293,6 +306,11 @@ int main(int argc, char **argv)
 		fprintf(stderr, "lr-bench: --percent must be in (0, 100]\n");
 		return 2;
 	}
+
+	/* A session of our own: criu dump refuses a root that is not a session leader (without
+	 * --shell-job). lr-reaper may have made us one already. */
+	if (getsid(0) != getpid() && setsid() < 0)
+		die("setsid");
 
 	/* tree: the children first, so each fills its own memory with its own index. */
 	int ready_pipe[2];
