@@ -1,6 +1,7 @@
 /*
  * lr-reaper: runs a command as its child and reaps every descendant that gets orphaned,
- * then exits with the command's own exit status (128+signal if it was killed).
+ * then exits with the command's own exit status (128+signal if it was killed). The command
+ * runs in a session of its own.
  *
  * Why: criu dump kills the whole dumped tree. Children of the dumped root are then orphans,
  * and PID 1 on our machines does not reap them, so their pids stay taken and a restore of
@@ -31,6 +32,11 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	if (root == 0) {
+		/* criu dumps a tree whose root leads its own session (else it wants --shell-job) */
+		if (setsid() < 0) {
+			fprintf(stderr, "lr-reaper: setsid: %s\n", strerror(errno));
+			_exit(127);
+		}
 		execvp(argv[1], argv + 1);
 		fprintf(stderr, "lr-reaper: exec %s: %s\n", argv[1], strerror(errno));
 		_exit(127);

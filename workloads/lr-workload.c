@@ -8,7 +8,8 @@
  *                    --trigger FILE --result FILE [--trigger-signal]
  *
  * Protocol with the harness:
- *   - stdout gets "ready <pid> <nprocs>" once every process of the tree has filled its
+ *   - stdout gets "region <pid> <k> <addr> <pages>" for every region each process filled,
+ *     then "ready <pid> <nprocs>" once every process of the tree has filled its
  *     memory; from then on the tree may be dumped.
  *   - every process polls for FILE (--trigger) every millisecond; it must not exist at dump
  *     time. Polling (rather than a signal) works whatever pid the restored task has and
@@ -304,6 +305,11 @@ int main(int argc, char **argv)
 		if (pthread_create(&tid, NULL, idle_thread, NULL))
 			die("pthread_create");
 	}
+
+	/* Tell the harness exactly which memory is ours (tests compare it with the dump). */
+	for (int k = 0; k < nregions; k++)
+		printf("region %d %d %#lx %zu\n", getpid(), k, (unsigned long)regions[k].addr, regions[k].pages);
+	fflush(stdout);
 
 	if (proc_index) {
 		close(ready_pipe[0]);

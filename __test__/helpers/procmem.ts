@@ -36,6 +36,25 @@ export function snapshotAnonMemory(pid: number): MappedRange[] {
   }
 }
 
+/** Contents of the given ranges of a live process. */
+export function snapshotRanges(pid: number, ranges: { start: bigint; pages: number }[]): MappedRange[] {
+  const fd = openSync(`/proc/${pid}/mem`, 'r');
+  try {
+    return ranges.map(({ start, pages }) => {
+      const bytes = Buffer.alloc(pages * 4096);
+      let off = 0;
+      while (off < bytes.length) {
+        const n = readSync(fd, bytes, off, bytes.length - off, start + BigInt(off));
+        if (n <= 0) throw new Error(`pid ${pid}: /proc/PID/mem read at 0x${(start + BigInt(off)).toString(16)} returned ${n}`);
+        off += n;
+      }
+      return { start, end: start + BigInt(bytes.length), bytes };
+    });
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** The snapshot's bytes for [vaddr, vaddr+len), or undefined if not inside one mapping. */
 export function bytesAt(snap: MappedRange[], vaddr: bigint, len: number): Buffer | undefined {
   for (const r of snap) {

@@ -48,8 +48,10 @@ export interface DumpOptions {
   trackMem?: boolean;
   /** `--prev-images-dir` (relative to dir, as criu wants it). */
   prevImagesDir?: string;
-  /** `criu pre-dump` instead of dump: the task keeps running. */
+  /** `criu pre-dump` instead of dump: the task keeps running (needs soft-dirty tracking). */
   preDump?: boolean;
+  /** `--leave-running`: dump, then let the task go on. */
+  leaveRunning?: boolean;
   timeoutMs?: number;
 }
 
@@ -59,6 +61,7 @@ export async function dump(o: DumpOptions): Promise<void> {
   const log = o.preDump ? 'pre-dump.log' : 'dump.log';
   const args = [o.preDump ? 'pre-dump' : 'dump', '-t', String(o.pid), '-D', o.dir, '-o', log, '-v4'];
   if (o.trackMem) args.push('--track-mem');
+  if (o.leaveRunning) args.push('--leave-running');
   if (o.prevImagesDir) args.push('--prev-images-dir', o.prevImagesDir);
   if (o.lazy) args.push('--lazy-pages', '--address', o.lazy.address, '--port', String(o.lazy.port));
   await runChecked('criu', args, { timeoutMs: o.timeoutMs ?? 120_000, logFile: join(o.dir, log) });

@@ -123,3 +123,25 @@ export function readResults(file: string): WorkloadResult[] {
       };
     });
 }
+
+/** The memory regions each process of the workload filled (from its "region" lines). */
+export function workloadRegions(w: RunningWorkload): Map<number, { start: bigint; pages: number }[]> {
+  const out = new Map<number, { start: bigint; pages: number }[]>();
+  for (const m of readFileSync(w.logFile, 'utf8').matchAll(/^region (\d+) \d+ 0x([0-9a-f]+) (\d+)$/gm)) {
+    const pid = Number(m[1]);
+    if (!out.has(pid)) out.set(pid, []);
+    out.get(pid)!.push({ start: BigInt(`0x${m[2]}`), pages: Number(m[3]) });
+  }
+  return out;
+}
+
+/** Kills the workload tree (its own session/process group) and the reaper above it. */
+export function killWorkload(w: RunningWorkload): void {
+  for (const target of [-w.pid, w.reaper.pid]) {
+    try {
+      if (target) process.kill(target, 'SIGKILL');
+    } catch {
+      /* already gone */
+    }
+  }
+}
