@@ -10,6 +10,7 @@
  */
 
 import { closeSync, lstatSync, openSync, readSync, realpathSync, statSync } from 'node:fs';
+import { constants } from 'node:buffer';
 import { join, resolve } from 'node:path';
 import { ImageError, PageReadError } from './errors.js';
 import { CORE_IMAGE, ImageFile, INVENTORY_IMAGE, MM_IMAGE, PAGEMAP_IMAGE, PSTREE_IMAGE } from './image-file.js';
@@ -505,12 +506,13 @@ export function pageRuns(proc: ProcessImage): PageRun[] {
 export function readPages(set: ImageSet, pid: number, vaddr: bigint, nrPages: number): Buffer {
   const proc = set.processes.find((p) => p.pid === pid);
   if (proc === undefined) throw new PageReadError('UNKNOWN_PID', pid, vaddr, `no process with pid ${pid} in ${set.dir}`);
-  if (vaddr < 0n || vaddr % PAGE !== 0n || !Number.isSafeInteger(nrPages) || nrPages < 0) {
+  if (vaddr < 0n || vaddr % PAGE !== 0n || !Number.isSafeInteger(nrPages) || nrPages < 0 || nrPages * PAGE_SIZE > constants.MAX_LENGTH) {
     throw new PageReadError(
       'BAD_ARGUMENT',
       pid,
       vaddr,
-      `readPages(${pid}, ${hex(vaddr)}, ${nrPages}): vaddr must be page aligned and nrPages a non-negative integer`,
+      `readPages(${pid}, ${hex(vaddr)}, ${nrPages}): vaddr must be page aligned and nrPages a non-negative integer ` +
+        `no larger than one Buffer can hold (${constants.MAX_LENGTH} bytes)`,
     );
   }
   const end = vaddr + BigInt(nrPages) * PAGE;

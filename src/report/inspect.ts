@@ -412,7 +412,9 @@ export function inspectText(set: ImageSet): string {
     lines.push('');
     lines.push(
       `pid ${proc.pid} (ppid ${proc.ppid}, ${threadsText(proc)}` +
-        (proc.pagesId === null ? ')' : `, pages-${proc.pagesId}.img, ${proc.pagemapEntries} pagemap entries)`),
+        (proc.pagesId === null
+          ? ')'
+          : `, pages-${proc.pagesId}.img, ${proc.pagemapEntries} pagemap ${proc.pagemapEntries === 1 ? 'entry' : 'entries'})`),
     );
     if (proc.zombie) {
       lines.push('  no memory (zombie at dump time)');
