@@ -485,8 +485,18 @@ export function readImages(dir: string): ImageSet {
   return { dir: abs, inventory, parents: chain.dirs, processes };
 }
 
-/** Every pagemap entry of `proc` resolved to where its bytes are, in address order. */
-export function pageRuns(proc: ProcessImage): PageRun[] {
+/** Per-process lookup tables for pageRuns/readPages, rebuilt if the process's arrays are replaced. */
+interface ProcIndex {
+  pagemap: readonly PagemapEntry[];
+  vmas: readonly Vma[];
+  runs: PageRun[];
+  real: Array<{ vma: Vma; index: number }>;
+}
+const indexes = new WeakMap<ProcessImage, ProcIndex>();
+
+function procIndex(proc: ProcessImage): ProcIndex {
+  const cached = indexes.get(proc);
+  if (cached !== undefined && cached.pagemap === proc.pagemap && cached.vmas === proc.vmas) return cached;
   const entries = [...proc.pagemap].sort((a, b) => (a.vaddr < b.vaddr ? -1 : a.vaddr > b.vaddr ? 1 : 0));
   const runs: PageRun[] = [];
   for (const entry of entries) {
@@ -495,7 +505,14 @@ export function pageRuns(proc: ProcessImage): PageRun[] {
     }
     runs.push(...entry.runs);
   }
-  return runs;
+  const index = { pagemap: proc.pagemap, vmas: proc.vmas, runs, real: realVmas(proc.vmas) };
+  indexes.set(proc, index);
+  return index;
+}
+
+/** Every pagemap entry of `proc` resolved to where its bytes are, in address order. */
+export function pageRuns(proc: ProcessImage): PageRun[] {
+  return [...procIndex(proc).runs];
 }
 
 /**
@@ -516,7 +533,7 @@ export function readPages(set: ImageSet, pid: number, vaddr: bigint, nrPages: nu
     );
   }
   const end = vaddr + BigInt(nrPages) * PAGE;
-  const real = realVmas(proc.vmas);
+  const { real, runs } = procIndex(proc);
   let cur = vaddr;
   let vi = lastAtOrBelow(real, cur, (v) => v.vma.start);
   while (cur < end) {
@@ -529,7 +546,6 @@ export function readPages(set: ImageSet, pid: number, vaddr: bigint, nrPages: nu
   }
 
   const out = Buffer.alloc(nrPages * PAGE_SIZE);
-  const runs = pageRuns(proc);
   const pieces: Array<{ file: string; offset: bigint; at: number; length: number }> = [];
   for (let i = Math.max(0, lastAtOrBelow(runs, vaddr, (r) => r.start)); i < runs.length; i++) {
     const run = runs[i]!;
