@@ -211,86 +211,90 @@ async function main(): Promise<number> {
   process.on('SIGTERM', onSignal);
   log(`criu ${criu}, kernel ${release()}, ${cpus().length} cpus; scratch ${root}; variants ${o.variants.join(', ')}; ${o.reps} reps`);
 
-  for (const mb of o.sizes) {
-    for (const workload of o.workloads) {
-      const group: Group = { workload, mb, summaries: [], runs: [] };
-      doc.groups.push(group);
-      const gdir = join(root, `${workload}-${mb}`);
-      const failedSetup = new Map<VariantName, string>();
-      const timeoutMs = (o.timeoutS ?? 60 + 0.12 * mb) * 1000;
-      try {
-        log(`${workload} ${mb} MiB: starting lr-bench and dumping it`);
-        const d = await dumpBench({ mb, mode: workload, dir: gdir });
-        current = d.w;
-        group.imagesBytes = dirBytes(d.imgs);
-        group.dumpMs = d.dumpMs;
-        log(`${workload} ${mb} MiB: ${d.w.nprocs} process(es), images ${(group.imagesBytes / 2 ** 20).toFixed(0)} MiB, dump ${d.dumpMs.toFixed(0)} ms`);
-        const ctx = { imgs: d.imgs, w: d.w, workRoot: join(gdir, 'runs'), logLevel: o.logLevel, timeoutMs, keep: o.keep };
-        const profile = join(gdir, 'profile');
-        const active = () => o.variants.filter((v) => !notAvailable.has(v) && !failedSetup.has(v));
+  try {
+    for (const mb of o.sizes) {
+      for (const workload of o.workloads) {
+        const group: Group = { workload, mb, summaries: [], runs: [] };
+        doc.groups.push(group);
+        const gdir = join(root, `${workload}-${mb}`);
+        const failedSetup = new Map<VariantName, string>();
+        const timeoutMs = (o.timeoutS ?? 60 + 0.12 * mb) * 1000;
+        try {
+          log(`${workload} ${mb} MiB: starting lr-bench and dumping it`);
+          const d = await dumpBench({ mb, mode: workload, dir: gdir });
+          current = d.w;
+          group.imagesBytes = dirBytes(d.imgs);
+          group.dumpMs = d.dumpMs;
+          log(`${workload} ${mb} MiB: ${d.w.nprocs} process(es), images ${(group.imagesBytes / 2 ** 20).toFixed(0)} MiB, dump ${d.dumpMs.toFixed(0)} ms`);
+          const ctx = { imgs: d.imgs, w: d.w, workRoot: join(gdir, 'runs'), logLevel: o.logLevel, timeoutMs, keep: o.keep };
+          const profile = join(gdir, 'profile');
+          const active = () => o.variants.filter((v) => !notAvailable.has(v) && !failedSetup.has(v));
 
-        // Untimed recording runs (ours-profile) before the timed ones.
-        for (const v of active()) {
-          const def = VARIANT_DEFS[v];
-          if (!def.recordArgs) continue;
-          try {
-            const r = await runOnce(ctx, def, 0, 'record', def.recordArgs(profile));
-            group.runs.push(r);
-            if (!r.ok) failedSetup.set(v, `recording run FAILED: ${r.failures.join('; ')}`);
-            else if (!existsSync(profile)) failedSetup.set(v, `recording run wrote no profile (${profile})`);
-            log(`  record ${v}: ${r.ok ? `${r.restoreMs?.toFixed(0)} ms` : `FAILED: ${r.failures.join('; ')}`}`);
-          } catch (e) {
-            if (!(e instanceof NotAvailable)) throw e;
-            notAvailable.set(v, e.message);
-            log(`  ${v}: n/a (${e.message})`);
-          }
-        }
-
-        for (let rep = 0; rep < o.reps; rep++) {
-          const vs = active();
-          const order = vs.map((_, i) => vs[(i + rep) % vs.length]!); // rotate: no variant always first
-          for (const v of order) {
-            if (notAvailable.has(v)) continue;
+          // Untimed recording runs (ours-profile) before the timed ones.
+          for (const v of active()) {
             const def = VARIANT_DEFS[v];
+            if (!def.recordArgs) continue;
             try {
-              const r = await runOnce(ctx, def, rep, 'timed', def.serveArgs(profile));
+              const r = await runOnce(ctx, def, 0, 'record', def.recordArgs(profile));
               group.runs.push(r);
-              const extra = [
-                r.wsMs !== undefined ? `ws ${r.wsMs.toFixed(0)} ms` : '',
-                r.hotFirst100Pct !== undefined ? `hot 1st 100ms ${r.hotFirst100Pct.toFixed(0)}%` : '',
-              ].filter(Boolean);
-              log(`  rep ${rep + 1}/${o.reps} ${v}: ${r.ok ? `${r.restoreMs!.toFixed(0)} ms, ${extra.join(', ')}` : `FAILED: ${r.failures.join('; ')}`}`);
+              if (!r.ok) failedSetup.set(v, `recording run FAILED: ${r.failures.join('; ')}`);
+              else if (!existsSync(profile)) failedSetup.set(v, `recording run wrote no profile (${profile})`);
+              log(`  record ${v}: ${r.ok ? `${r.restoreMs?.toFixed(0)} ms` : `FAILED: ${r.failures.join('; ')}`}`);
             } catch (e) {
               if (!(e instanceof NotAvailable)) throw e;
               notAvailable.set(v, e.message);
               log(`  ${v}: n/a (${e.message})`);
             }
           }
+
+          for (let rep = 0; rep < o.reps; rep++) {
+            const vs = active();
+            const order = vs.map((_, i) => vs[(i + rep) % vs.length]!); // rotate: no variant always first
+            for (const v of order) {
+              if (notAvailable.has(v)) continue;
+              const def = VARIANT_DEFS[v];
+              try {
+                const r = await runOnce(ctx, def, rep, 'timed', def.serveArgs(profile));
+                group.runs.push(r);
+                const extra = [
+                  r.wsMs !== undefined ? `ws ${r.wsMs.toFixed(0)} ms` : '',
+                  r.hotFirst100Pct !== undefined ? `hot 1st 100ms ${r.hotFirst100Pct.toFixed(0)}%` : '',
+                ].filter(Boolean);
+                log(`  rep ${rep + 1}/${o.reps} ${v}: ${r.ok ? `${r.restoreMs!.toFixed(0)} ms, ${extra.join(', ')}` : `FAILED: ${r.failures.join('; ')}`}`);
+              } catch (e) {
+                if (!(e instanceof NotAvailable)) throw e;
+                notAvailable.set(v, e.message);
+                log(`  ${v}: n/a (${e.message})`);
+              }
+            }
+          }
+        } catch (e) {
+          group.error = (e as Error).message;
+          log(`!! ${workload} ${mb} MiB aborted: ${group.error}`);
+          killAll(current?.pids ?? []);
         }
-      } catch (e) {
-        group.error = (e as Error).message;
-        log(`!! ${workload} ${mb} MiB aborted: ${group.error}`);
-        killAll(current?.pids ?? []);
+        const naHere = new Map(notAvailable);
+        group.summaries = summarize(o.variants, group.runs, naHere, failedSetup);
+        const title = `== ${workload}, ${mb} MiB` +
+          (group.imagesBytes !== undefined ? ` (images ${(group.imagesBytes / 2 ** 20).toFixed(0)} MiB on ${o.dir}, ${o.reps} reps interleaved)` : '') +
+          ' ==';
+        console.log(`\n${title}`);
+        if (group.error) console.log(`!! ABORTED: ${group.error}`);
+        console.log(table(group.summaries, { hotset: workload === 'hotset' }));
+        save();
+        current = undefined;
+        if (!o.keep) rmSync(gdir, { recursive: true, force: true });
       }
-      const naHere = new Map(notAvailable);
-      group.summaries = summarize(o.variants, group.runs, naHere, failedSetup);
-      const title = `== ${workload}, ${mb} MiB` +
-        (group.imagesBytes !== undefined ? ` (images ${(group.imagesBytes / 2 ** 20).toFixed(0)} MiB on ${o.dir}, ${o.reps} reps interleaved)` : '') +
-        ' ==';
-      console.log(`\n${title}`);
-      if (group.error) console.log(`!! ABORTED: ${group.error}`);
-      console.log(table(group.summaries, { hotset: workload === 'hotset' }));
-      save();
-      current = undefined;
-      if (!o.keep) rmSync(gdir, { recursive: true, force: true });
     }
+  } finally {
+    killAll(current?.pids ?? []);
+    if (!o.keep) rmSync(root, { recursive: true, force: true });
   }
 
   doc.finishedAt = new Date().toISOString();
   doc.host.loadavgEnd = loadavg();
   doc.notAvailable = Object.fromEntries(notAvailable);
   save();
-  if (!o.keep) rmSync(root, { recursive: true, force: true });
   const elapsed = (Date.now() - started.getTime()) / 1000;
   console.log(`\nall runs and medians: ${o.out} (${elapsed.toFixed(0)} s; load ${doc.host.loadavgStart.map((x) => x.toFixed(1)).join('/')} at start)`);
   const failed = doc.groups.some((g) => g.error || g.summaries.some((s) => s.status === 'failed'));

@@ -9,6 +9,8 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { alive, cmdline, descendants, killGroup, killPids, track } from './procs.js';
+export { killAll } from './procs.js';
 import { join } from 'node:path';
 import { exited, tail } from '../../src/harness/process.js';
 import { PACKAGE_ROOT, REAPER_BIN } from '../../src/harness/workload.js';
@@ -56,40 +58,6 @@ export class NotAvailable extends Error {
 
 // ---- process bookkeeping -------------------------------------------------------------
 
-const live = new Set<ChildProcess>();
-
-function track(child: ChildProcess): ChildProcess {
-  live.add(child);
-  child.once('exit', () => live.delete(child));
-  return child;
-}
-
-/** SIGKILL to the child's process group (everything here is spawned detached). */
-export function killGroup(child: ChildProcess | undefined): void {
-  if (!child?.pid) return;
-  try {
-    process.kill(-child.pid, 'SIGKILL');
-  } catch {
-    /* gone */
-  }
-}
-
-function killPids(pids: number[]): void {
-  for (const p of pids) {
-    try {
-      process.kill(p, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
-  }
-}
-
-/** Kills everything still running that this module started (timeouts, Ctrl-C, exit). */
-export function killAll(extraPids: number[] = []): void {
-  killPids(extraPids);
-  for (const c of live) killGroup(c);
-}
-
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -97,19 +65,6 @@ function sleep(ms: number): Promise<void> {
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
   let t: NodeJS.Timeout | undefined;
   return Promise.race([p, new Promise<'timeout'>((r) => (t = setTimeout(() => r('timeout'), ms)))]).finally(() => clearTimeout(t));
-}
-
-function alive(pid: number): boolean {
-  // A zombie still holds its pid: a restore of the same tree would fail on it.
-  return existsSync(`/proc/${pid}`);
-}
-
-function cmdline(pid: number): string {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0/g, ' ');
-  } catch {
-    return '';
-  }
 }
 
 /**
@@ -294,10 +249,12 @@ export async function runOnce(ctx: RunContext, variant: VariantDef, rep: number,
   const r = await withTimeout(restoreDone, ctx.timeoutMs);
   if (r === 'timeout') {
     rec.failures.push(`TIMEOUT: criu restore not done after ${(ctx.timeoutMs / 1000).toFixed(0)} s; killed everything`);
-    killPids(w.pids);
-    killGroup(restore);
+    // The restored tree has its own sessions: kill it by ancestry (lr-reaper -> criu restore ->
+    // tree, plus orphans lr-reaper adopted), and lr-reaper then reaps it all and exits.
+    if (restore.pid) killPids(descendants(restore.pid));
+    killPids(w.pids.filter((p) => cmdline(p).includes('lr-bench')));
     killGroup(daemon?.child);
-    await withTimeout(restoreDone, 10_000);
+    if ((await withTimeout(restoreDone, 10_000)) === 'timeout') killGroup(restore);
   } else {
     rec.restoreMs = performance.now() - t0;
     rec.restoreExit = r;

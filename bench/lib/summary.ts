@@ -142,7 +142,7 @@ export function table(summaries: VariantSummary[], o: { hotset: boolean }): stri
     ]);
     if (s.failedRuns) notes.push(`!! ${s.variant}: ${s.failedRuns} of ${s.runs} runs FAILED: ${s.reason}`);
   }
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.filter((r) => r.length > 2).map((r) => (r[i] ?? '').length)) + 2);
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.filter((r) => i === 0 || r.length > 2).map((r) => (r[i] ?? '').length)) + 2);
   const line = (cells: string[]) =>
     cells.length === 2 && cells.length < head.length
       ? pad(cells[0]!, widths[0]!) + cells[1]

@@ -6,6 +6,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { dump } from '../../src/harness/criu.js';
+import { killTree, track } from './procs.js';
 import { REAPER_BIN, WORKLOAD_DIR, waitGone, type RunningWorkload } from '../../src/harness/workload.js';
 
 export const BENCH_BIN = join(WORKLOAD_DIR, 'bin', 'lr-bench');
@@ -33,7 +34,7 @@ export async function startBench(
   if (o.seed !== undefined) args.push('--seed', String(o.seed));
   const out = openSync(logFile, 'a');
   // detached: a session of its own, so criu dumps exactly this tree and no terminal.
-  const reaper = spawn(REAPER_BIN, args, { stdio: ['ignore', out, out], detached: true });
+  const reaper = track(spawn(REAPER_BIN, args, { stdio: ['ignore', out, out], detached: true }));
   closeSync(out);
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -57,7 +58,7 @@ export async function startBench(
       throw new Error(`lr-bench exited before it was ready (${reaper.exitCode ?? reaper.signalCode}):\n${text}`);
     }
     if (Date.now() > deadline) {
-      reaper.kill('SIGKILL');
+      killTree(reaper);
       throw new Error(`lr-bench not ready after ${timeoutMs} ms:\n${text}`);
     }
     await new Promise((r) => setTimeout(r, 20));
@@ -72,11 +73,7 @@ export async function dumpBench(o: { mb: number; mode: WorkloadName; dir: string
   try {
     await dump({ pid: w.pid, dir: imgs, timeoutMs: 600_000 });
   } catch (e) {
-    try {
-      process.kill(-w.reaper.pid!, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
+    killTree(w.reaper); // lr-bench leads a session of its own: kill by ancestry
     throw e;
   }
   const dumpMs = performance.now() - t0;
