@@ -5,6 +5,7 @@
  * Both are computed from an {@link ImageSet} alone; nothing here reads files.
  */
 
+import { bytes } from './format.js';
 import { basename } from 'node:path';
 import { VMA_STATUS_BITS } from '../criu/messages.js';
 import type { ImageSet, LazyRange, PageLocation, ProcessImage, ProcessTotals, Vma } from '../criu/types.js';
@@ -295,18 +296,8 @@ export function inspectJson(set: ImageSet): InspectJson {
 // ---------------------------------------------------------------------------------------------
 // Text
 
-const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-
-/** 67108864 → "64.0 MiB", 512 → "512 B". */
-export function humanBytes(n: number | bigint): string {
-  let v = Number(n);
-  let u = 0;
-  while (v >= 1024 && u < UNITS.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  return u === 0 ? `${v} B` : `${v.toFixed(1)} ${UNITS[u]}`;
-}
+/** 67108864 → "64.0 MiB", 512 → "512 B" (shared with the transfer report). */
+export const humanBytes = bytes;
 
 function pagesText(a: Amount): string {
   return `${humanBytes(a.bytes)} (${a.pages} page${a.pages === 1 ? '' : 's'})`;

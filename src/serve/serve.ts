@@ -1,0 +1,168 @@
+/**
+ * `serve()`: the lazy-pages daemon as a library. Reads the images, builds the transfer plan,
+ * starts the native engine (which binds `lazy-pages.socket` before this returns), and gives
+ * back a handle with typed events, live stats, a promise for the end, and close().
+ *
+ *     import { serve } from 'lazy-restore';
+ *     const daemon = serve({ imagesDir: '/tmp/imgs' });
+ *     daemon.on('progress', (p) => console.log(p.totals.pagesPending, 'pages to go'));
+ *     // ... run `criu restore -D /tmp/imgs --lazy-pages` ...
+ *     const report = await daemon.done;
+ */
+import { EventEmitter } from 'node:events';
+import { resolve, join } from 'node:path';
+import { readImages } from '../criu/images.js';
+import type { ImageSet } from '../criu/types.js';
+import { native } from '../native.js';
+import { planFromImages, type TransferPlan } from './plan.js';
+import type { ServeReport, Snapshot, TaskStats, Phase, Totals } from './types.js';
+
+export type { ServeReport, Snapshot, TaskStats, Phase, Totals } from './types.js';
+
+export interface ServeOptions {
+  /** CRIU images dir (`-D`). */
+  imagesDir: string;
+  /** Where `lazy-pages.socket` is created (`-W`); default: the images dir, as CRIU does. */
+  workDir?: string;
+  /** Images already read (skips reading them again). */
+  images?: ImageSet;
+  /** Background chunk size in bytes (default 256 KiB). */
+  chunkBytes?: number;
+  /** uids allowed to connect (SO_PEERCRED); default [0] (root, like criu restore). */
+  allowedUids?: number[];
+  /** Kill the restored tree on a fatal error (default true: never run on missing memory). */
+  killOnFatal?: boolean;
+  /** How often progress events arrive, ms (default 100). */
+  progressIntervalMs?: number;
+}
+
+/** Failure of a serve run. `code` is stable (e.g. HANDOFF_UNKNOWN_PID, SOURCE_SHORT_READ). */
+export class ServeError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+    /** Host pids the engine killed so they would not run on unrestored memory. */
+    readonly killed: number[] = [],
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'ServeError';
+  }
+}
+
+export interface ServeEvents {
+  connected: [peer: { pid: number; uid: number; gid: number }];
+  task: [info: { pid: number; zombie: boolean }];
+  fork: [info: { imagePid: number; parentIndex: number; childIndex: number }];
+  phase: [phase: Phase];
+  progress: [p: { atUs: number; phase: Phase; totals: Totals; tasks: TaskStats[] }];
+  'task-done': [task: TaskStats];
+  warning: [message: string];
+}
+
+export interface ServeHandle extends EventEmitter<ServeEvents> {
+  /** Absolute path of the socket criu restore connects to. */
+  readonly socketPath: string;
+  readonly plan: TransferPlan;
+  readonly images: ImageSet;
+  /** Settles when every page is in (or its task exited); rejects with ServeError. */
+  readonly done: Promise<ServeReport>;
+  /** Live counters, cheap to call. */
+  stats(): Snapshot;
+  /** Copy everything that remains at full speed, then end (first SIGINT/SIGTERM). */
+  finishFast(): void;
+  /** Stop now; if pages are still missing the restored tree is killed. */
+  abort(reason: string): void;
+  /** Abort if still running and wait for the engine's threads to end. */
+  close(): Promise<void>;
+}
+
+const SOCKET_NAME = 'lazy-pages.socket';
+
+/** Starts serving. Throws (synchronously) on bad images or when the socket cannot be bound. */
+export function serve(options: ServeOptions): ServeHandle {
+  const images = options.images ?? readImages(options.imagesDir);
+  const plan = planFromImages(images);
+  const socketPath = join(resolve(options.workDir ?? options.imagesDir), SOCKET_NAME);
+  const emitter = new EventEmitter<ServeEvents>();
+  const binding = native();
+  let engine: InstanceType<typeof binding.NativeEngine>;
+  try {
+    engine = binding.NativeEngine.start(
+      {
+        socketPath,
+        files: plan.files,
+        tasks: plan.tasks.map((t) => ({
+          pid: t.pid,
+          ranges: t.ranges.map((r) => ({ start: r.start, pages: r.pages, file: r.file, offset: r.offset })),
+        })),
+        chunkBytes: options.chunkBytes,
+        allowedUids: options.allowedUids,
+        killOnFatal: options.killOnFatal ?? true,
+        progressIntervalMs: options.progressIntervalMs,
+      },
+      (err, ev) => {
+        if (err || !ev) return;
+        dispatch(emitter, ev);
+      },
+    );
+  } catch (e) {
+    throw toServeError(e);
+  }
+  const done = engine.wait().then(
+    (report) => ({ ...(report as unknown as Snapshot), imagesDir: images.dir, socketPath, plannedPages: plan.pages }) as ServeReport,
+    (e: unknown) => {
+      throw toServeError(e);
+    },
+  );
+  // A rejection nobody awaited yet must not crash the process before the caller attaches.
+  done.catch(() => undefined);
+  return Object.assign(emitter, {
+    socketPath,
+    plan,
+    images,
+    done,
+    stats: () => engine.stats() as unknown as Snapshot,
+    finishFast: () => engine.finishFast(),
+    abort: (reason: string) => engine.abort(reason),
+    close: async () => {
+      await engine.close();
+      await done.catch(() => undefined);
+    },
+  }) as ServeHandle;
+}
+
+function toServeError(e: unknown): ServeError {
+  if (e instanceof ServeError) return e;
+  const err = e as Error & { code?: string; killed?: number[] };
+  return new ServeError(err.message ?? String(e), err.code ?? 'ENGINE', err.killed ?? [], { cause: e });
+}
+
+/** Native events arrive as `{ kind, ... }` objects; re-emit them as typed events. */
+function dispatch(emitter: EventEmitter<ServeEvents>, ev: any): void {
+  switch (ev.kind) {
+    case 'connected':
+      emitter.emit('connected', ev.peer);
+      break;
+    case 'task-received':
+      emitter.emit('task', { pid: ev.pid, zombie: ev.zombie });
+      break;
+    case 'task-forked':
+      emitter.emit('fork', { imagePid: ev.imagePid, parentIndex: ev.parentIndex, childIndex: ev.childIndex });
+      break;
+    case 'phase':
+      emitter.emit('phase', ev.phase);
+      break;
+    case 'progress':
+      emitter.emit('progress', { atUs: ev.atUs, phase: ev.phase, totals: ev.totals, tasks: ev.tasks });
+      break;
+    case 'task-done':
+      emitter.emit('task-done', ev.task);
+      break;
+    case 'warning':
+      emitter.emit('warning', ev.message);
+      break;
+    default:
+      break;
+  }
+}

@@ -1,0 +1,76 @@
+/** What the engine reports, as the TypeScript side sees it (mirrors the core's telemetry). */
+
+export type Phase = 'handoff' | 'faults-only' | 'background' | 'done';
+
+export interface TaskStats {
+  /** pid in pstree.img (forked children keep their parent's). */
+  imagePid: number;
+  /** 0 for the restored task, 1.. for children it forked after restore. */
+  childIndex: number;
+  hostPid?: number;
+  zombie: boolean;
+  pagesPlanned: number;
+  pagesFault: number;
+  pagesBackground: number;
+  pagesZero: number;
+  /** Pages found already present (EEXIST). */
+  pagesPresent: number;
+  /** Pages the task unmapped or dropped (MADV_DONTNEED) before they were copied. */
+  pagesDropped: number;
+  /** Pages left when the task exited. */
+  pagesOrphaned: number;
+  pagesPending: number;
+  bytesCopied: number;
+  faults: number;
+  eagainRetries: number;
+  exited: boolean;
+  firstFaultUs?: number;
+  doneUs?: number;
+}
+
+export interface Totals {
+  tasks: number;
+  tasksDone: number;
+  tasksExited: number;
+  pagesPlanned: number;
+  pagesFault: number;
+  pagesBackground: number;
+  pagesZero: number;
+  pagesPresent: number;
+  pagesDropped: number;
+  pagesOrphaned: number;
+  pagesPending: number;
+  bytesCopied: number;
+  faults: number;
+  eagainRetries: number;
+}
+
+export interface LatencySummary {
+  count: number;
+  p50Us: number;
+  p90Us: number;
+  p99Us: number;
+  maxUs: number;
+  meanUs: number;
+  /** Power-of-two µs buckets: bucket i counts latencies in [2^(i-1), 2^i) µs (bucket 0: < 1 µs). */
+  buckets: number[];
+}
+
+export interface Snapshot {
+  phase: Phase;
+  elapsedUs: number;
+  totals: Totals;
+  tasks: TaskStats[];
+  timeline: { connectUs?: number; allUffdsUs?: number; finishedUs?: number; doneUs?: number; finishFastUs?: number };
+  faultLatency: LatencySummary;
+  /** Faults served per CPU index (the serving thread's CPU). */
+  faultsPerCpu: number[];
+  cpuTime: { userUs: number; sysUs: number };
+  peer?: { pid: number; uid: number; gid: number };
+}
+
+export interface ServeReport extends Snapshot {
+  imagesDir: string;
+  socketPath: string;
+  plannedPages: number;
+}
