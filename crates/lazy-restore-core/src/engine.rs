@@ -420,7 +420,12 @@ impl FaultLoop {
                 self.timeline.done_us = Some(self.us());
                 Ok(())
             }
-            Err(e) => Err(self.fail(e)),
+            Err(e) => {
+                if let Some(h) = self.handoff.take() {
+                    h.drain();
+                }
+                Err(self.fail(e))
+            }
         };
         self.check_done();
         self.set_phase(Phase::Done);

@@ -704,3 +704,19 @@ fn control_aborts_while_another_thread_waits() {
     }
     assert_eq!(control.stats().phase, Phase::Done);
 }
+
+#[test]
+fn junk_on_the_socket_fails_cleanly_and_the_peer_sees_eof_not_a_reset() {
+    let _l = shared_lock();
+    let s = setup("junk", 4, 4, &[(0, 4, 0)], &[]);
+    let h = s.start();
+    let mut criu = Criu::connect(s.socket());
+    criu.s
+        .write_all(b"this is not a pid message")
+        .expect("send junk");
+    let e = expect_handoff_error(wait(h));
+    assert!(matches!(e, HandoffError::UnknownPid { .. }), "{e}");
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut criu.s, &mut buf);
+    assert!(matches!(n, Ok(0)), "expected EOF, got {n:?}");
+}

@@ -265,6 +265,18 @@ impl Handoff {
         }
     }
 
+    /// Reads and discards whatever the peer already sent (at most 64 KiB), so that closing
+    /// after an error gives the peer a clean EOF instead of a connection reset.
+    pub fn drain(&self) {
+        let mut buf = [0u8; 4096];
+        for _ in 0..16 {
+            match self.recv(&mut buf) {
+                Ok(Some(r)) if r.len > 0 => {}
+                _ => return,
+            }
+        }
+    }
+
     fn after_task(&mut self) {
         self.want = if self.seen.len() >= self.expected {
             Want::Finished
