@@ -720,3 +720,70 @@ fn junk_on_the_socket_fails_cleanly_and_the_peer_sees_eof_not_a_reset() {
     let n = std::io::Read::read(&mut criu.s, &mut buf);
     assert!(matches!(n, Ok(0)), "expected EOF, got {n:?}");
 }
+
+/// A real restored task in another process: a forked child registers the region with its own
+/// uffd, hands the uffd to the test over a socketpair, then reads its memory.
+#[test]
+fn a_fatal_error_kills_the_served_task_and_reports_it() {
+    let _l = FORK_LOCK.write().unwrap_or_else(|p| p.into_inner());
+    let mut s = setup("kill", 16, 16, &[(0, 16, 0)], &[]);
+    s.uffd = None; // the child makes its own
+    s.cfg.kill_on_fatal = true;
+    let (to_parent, from_child) = UnixStream::pair().expect("socketpair");
+    let region = Arc::clone(&s.region);
+    let child = sys::testmem::fork_run(&|| {
+        // Syscalls only: the parent is multi-threaded.
+        let Ok(uffd) = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK) else {
+            return 10;
+        };
+        if sys::uffdio_api(&uffd, FEATURES).is_err() {
+            return 11;
+        }
+        let len = region.len() as u64;
+        if sys::uffdio_register(uffd.as_fd(), region.addr(), len, sys::REGISTER_MODE_MISSING)
+            .is_err()
+        {
+            return 12;
+        }
+        if sys::send_with_fd(to_parent.as_fd(), &[0], uffd.as_fd()).is_err() {
+            return 13;
+        }
+        drop(uffd);
+        let mut buf = [0u8; P];
+        for p in 0..16 {
+            region.read(p * P, &mut buf);
+        }
+        0 // read everything: the engine did not stop us
+    })
+    .expect("fork");
+    drop(to_parent);
+    from_child.set_nonblocking(true).expect("nonblocking");
+    let uffd = bounded(10, "child's uffd", move || loop {
+        match sys::recv_with_fds(from_child.as_fd(), &mut [0u8; 1]) {
+            Ok(r) => break r.fds.into_iter().next(),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    })
+    .expect("the child sent its uffd");
+    s.cfg.tasks[0].pid = child;
+    let h = s.start();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.pages_path)
+        .and_then(|f| f.set_len(2 * PAGE_SIZE))
+        .expect("truncate");
+    let mut criu = Criu::connect(s.socket());
+    criu.task(child, &uffd);
+    drop(uffd);
+    criu.finished();
+    let e = wait(h).expect_err("the short read is fatal");
+    assert_eq!(e.code(), "SOURCE_SHORT_READ");
+    assert_eq!(e.killed(), &[child], "{e}");
+    assert!(e.to_string().contains("killed the served tree"), "{e}");
+    let code = bounded(10, "child exit", move || sys::testmem::wait_child(child)).expect("waitpid");
+    assert_eq!(
+        code,
+        128 + libc::SIGKILL,
+        "the child must be killed, not run on zero pages"
+    );
+}
