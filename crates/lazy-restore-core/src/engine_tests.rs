@@ -787,3 +787,50 @@ fn a_fatal_error_kills_the_served_task_and_reports_it() {
         "the child must be killed, not run on zero pages"
     );
 }
+
+/// Not a check: prints fault latency (faults-only phase, sequential touches) and background
+/// throughput for a 256 MiB region. `cargo test --release -- --ignored --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_fault_latency_and_background_throughput() {
+    let _l = FORK_LOCK.write().unwrap_or_else(|p| p.into_inner());
+    let pages = 65536usize;
+    let mut s = setup("measure", pages, pages as u64, &[(0, pages as u64, 0)], &[]);
+    let h = s.start();
+    let mut criu = s.handoff();
+    let r = Arc::clone(&s.region);
+    let t0 = std::time::Instant::now();
+    bounded(60, "touch", move || {
+        let mut b = [0u8; 8];
+        for p in 0..20_000 {
+            r.read(p * 3 % pages * P, &mut b);
+            std::hint::black_box(&b);
+        }
+    });
+    let touch = t0.elapsed();
+    criu.finished();
+    let rep = wait(h).expect("engine");
+    let l = &rep.fault_latency;
+    let bg = rep.timeline.done_us.unwrap_or(0) - rep.timeline.finished_us.unwrap_or(0);
+    let t = &rep.totals;
+    eprintln!(
+        "faults {} in {:?} ({:.1} µs each): p50 {} p90 {} p99 {} max {} mean {} µs; per cpu {:?}",
+        l.count,
+        touch,
+        touch.as_secs_f64() * 1e6 / 20_000.0,
+        l.p50_us,
+        l.p90_us,
+        l.p99_us,
+        l.max_us,
+        l.mean_us,
+        rep.faults_per_cpu
+    );
+    eprintln!(
+        "background {} pages in {} µs = {:.2} GB/s; engine cpu user {} sys {} µs",
+        t.pages_background,
+        bg,
+        (t.pages_background * PAGE_SIZE) as f64 / bg.max(1) as f64 / 1000.0,
+        rep.cpu_time.user_us,
+        rep.cpu_time.sys_us
+    );
+}
