@@ -108,9 +108,13 @@ async function startListening(cmd: string, args: string[], what: string, logFile
   killGroup(child);
   const detail = [err.trim(), tail(logFile)].filter(Boolean).join('\n');
   if (r === 'timeout') throw new Error(`${what} not listening after 30 s: ${detail}`);
-  // `lazy-restore serve` exits 2 on bad usage (an option this build does not know yet).
-  if (cmd === process.execPath && r.code === 2) {
-    const line = err.split('\n').find((l) => /error|unknown|invalid/i.test(l)) ?? err.trim().split('\n')[0] ?? '';
+  // A usage error from `lazy-restore serve` (an option or value this build does not know yet):
+  // commander's "error: unknown option '--x'" / "error: option '--x <v>' argument 'y' is
+  // invalid". Matched on the message, since the exit status of a subcommand's usage error is
+  // not reliably 2.
+  const usage = err.split('\n').find((l) => /^error: (unknown option|option .* argument .* is invalid|too many arguments|missing required argument)/.test(l.trim()));
+  if (cmd === process.execPath && (usage || r.code === 2)) {
+    const line = usage ?? err.trim().split('\n')[0] ?? '';
     throw new NotAvailable(`serve rejected ${args.slice(args.indexOf('report.json') + 1).join(' ')}: ${line.trim()}`);
   }
   throw new Error(`${what} exited (${r.code ?? r.signal}) before listening: ${detail}`);
