@@ -9,6 +9,7 @@ const daemon = serve({ imagesDir: dir, images }); // lazy-pages.socket listens o
 daemon.on('progress', (p) => console.log(`${p.totals.pagesPending} pages to go`));
 
 const restore = spawn('criu', ['restore', '-D', dir, '--lazy-pages'], { stdio: 'inherit' });
+const restored = new Promise((resolve) => restore.once('exit', resolve)); // criu exits after the tree
 const report = await daemon.done; // rejects with ServeError (.code, .killed)
-await new Promise((resolve) => restore.once('exit', resolve));
+await restored;
 console.log(`${report.totals.pagesFault} pages by fault, fault p99 ${report.faultLatency.p99Us} µs`);

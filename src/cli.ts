@@ -51,6 +51,9 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
       '\nExit status: 0 success, 1 failure (bad images, restore error), 2 bad usage.\n' +
         'Images are read from a CRIU images dir (criu dump -D DIR); see `lazy-restore inspect --help`.',
     );
+  // Set before the subcommands are added so that they inherit it: usage errors anywhere
+  // become a CommanderError (exit 2) instead of process.exit(1).
+  program.exitOverride();
 
   program
     .command('inspect')
@@ -242,7 +245,6 @@ async function serveCommand(opts: ServeCliOptions, out: (s: string) => void): Pr
 /** Runs the CLI; returns the exit status (never calls process.exit, so tests can drive it). */
 export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
-  program.exitOverride();
   program.configureOutput({ writeErr: (s) => process.stderr.write(s) });
   try {
     await program.parseAsync(argv);

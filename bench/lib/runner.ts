@@ -9,8 +9,8 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { alive, cmdline, descendants, killGroup, killPids, track } from './procs.js';
-export { killAll } from './procs.js';
+import { alive, cmdline, descendants, killGroup, killPids, track } from '../../src/harness/procs.js';
+export { killAll } from '../../src/harness/procs.js';
 import { join } from 'node:path';
 import { exited, tail } from '../../src/harness/process.js';
 import { PACKAGE_ROOT, REAPER_BIN } from '../../src/harness/workload.js';

@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { dump } from '../../src/harness/criu.js';
-import { killTree, track } from './procs.js';
+import { killTree, track } from '../../src/harness/procs.js';
 import { REAPER_BIN, WORKLOAD_DIR, waitGone, type RunningWorkload } from '../../src/harness/workload.js';
 
 export const BENCH_BIN = join(WORKLOAD_DIR, 'bin', 'lr-bench');
