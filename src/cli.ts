@@ -9,6 +9,8 @@ import { inspectJson, inspectText } from './report/inspect.js';
 import { native, NativeBindingError } from './native.js';
 import { serve, ServeError, type ServeHandle } from './serve/serve.js';
 import { PlanError } from './serve/plan.js';
+import { POLICIES, UnknownPolicyError } from './policy/builtin.js';
+import { ProfileError } from './policy/profile.js';
 import { summaryText, reportJson } from './report/transfer.js';
 import { runDemo } from './demo.js';
 import { CriuUnavailableError } from './harness/criu.js';
@@ -30,6 +32,8 @@ function fail(e: unknown): never {
   if (e instanceof ImageError) throw new ReportedError(EXIT.failure, `bad images: ${e.message}`);
   if (e instanceof NativeBindingError) throw new ReportedError(EXIT.failure, e.message);
   if (e instanceof PlanError) throw new ReportedError(EXIT.failure, e.message);
+  if (e instanceof UnknownPolicyError) throw new ReportedError(EXIT.usage, e.message);
+  if (e instanceof ProfileError) throw new ReportedError(EXIT.failure, e.message);
   if (e instanceof CriuUnavailableError) throw new ReportedError(EXIT.failure, e.message);
   if (e instanceof ServeError) {
     const killed = e.killed.length ? ` (killed the restored tree: pids ${e.killed.join(' ')})` : '';
@@ -108,7 +112,14 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
     .option('--pidfile <file>', 'write the daemon pid here (relative to the work dir)')
     .option('--report <file>', 'write the JSON report (schema lazy-restore/serve-report@1) here at the end')
     .option('--json', 'print the JSON report on stdout instead of the summary')
-    .option('--chunk <KiB>', 'background chunk size in KiB', parseIntArg, 256)
+    .option('--chunk <KiB>', 'background chunk size in KiB (overrides the policy)', parseIntArg)
+    .option('--policy <name>', `transfer policy: ${POLICIES.map((p) => p.name).join(', ')} (see below)`, 'default')
+    .option('--record-profile <file>', 'record the order pages were first needed (per process) into FILE; this run serves without readahead')
+    .option('--profile <file>', 'prefetch the working set recorded in FILE first, in its order (ignored with a warning if recorded on other images)')
+    .addHelpText(
+      'after',
+      '\nPolicies:\n' + POLICIES.map((p) => `  ${p.name.padEnd(8)} ${p.summary}`).join('\n') + '\n',
+    )
     .addHelpText(
       'after',
       '\nUse it exactly like criu lazy-pages, before criu restore:\n' +
@@ -163,7 +174,10 @@ interface ServeCliOptions {
   pidfile?: string;
   report?: string;
   json?: boolean;
-  chunk: number;
+  chunk?: number;
+  policy: string;
+  profile?: string;
+  recordProfile?: string;
 }
 
 function parseIntArg(v: string): number {
@@ -193,12 +207,20 @@ async function serveCommand(opts: ServeCliOptions, out: (s: string) => void): Pr
   };
   let daemon: ServeHandle;
   try {
-    daemon = serve({ imagesDir: opts.imagesDir, workDir, chunkBytes: opts.chunk * 1024 });
+    daemon = serve({
+      imagesDir: opts.imagesDir,
+      workDir,
+      chunkBytes: opts.chunk === undefined ? undefined : opts.chunk * 1024,
+      policy: opts.policy,
+      profile: opts.profile,
+      recordProfile: opts.recordProfile,
+    });
   } catch (e) {
     fail(e);
   }
   if (opts.pidfile) writeFileSync(resolve(workDir, opts.pidfile), `${process.pid}\n`);
-  log(2, `listening on ${daemon.socketPath}: ${daemon.plan.tasks.length} tasks, ${daemon.plan.pages} lazy pages from ${daemon.images.dir}`);
+  log(2, `listening on ${daemon.socketPath}: ${daemon.plan.tasks.length} tasks, ${daemon.plan.pages} lazy pages from ${daemon.images.dir}, policy ${daemon.policy.name}`);
+  if (daemon.prefetch?.pages) log(2, `profile ${opts.profile}: prefetching ${daemon.prefetch.pages} pages first`);
   if (opts.statusFd !== undefined) {
     try {
       writeSync(opts.statusFd, Buffer.from([0]));

@@ -15,6 +15,9 @@ import { readImages } from '../criu/images.js';
 import type { ImageSet } from '../criu/types.js';
 import { native } from '../native.js';
 import { planFromImages, type TransferPlan } from './plan.js';
+import { policyByName } from '../policy/builtin.js';
+import type { Policy } from '../policy/types.js';
+import { prefetchFromProfile, profileFromTraces, readProfile, writeProfile, type PrefetchPlan } from '../policy/profile.js';
 import type { ServeReport, Snapshot, TaskStats, Phase, Totals } from './types.js';
 
 export type { ServeReport, Snapshot, TaskStats, Phase, Totals } from './types.js';
@@ -34,6 +37,15 @@ export interface ServeOptions {
   killOnFatal?: boolean;
   /** How often progress events arrive, ms (default 100). */
   progressIntervalMs?: number;
+  /** A policy name (`default`, `criu`) or object; default: `default`. */
+  policy?: string | Policy;
+  /** Prefetch the working set recorded in this profile file first, in its order. */
+  profile?: string;
+  /**
+   * Record the order in which pages are first needed and write it here at the end. The run
+   * serves faults without readahead so that every first touch is seen.
+   */
+  recordProfile?: string;
 }
 
 /** Failure of a serve run. `code` is stable (e.g. HANDOFF_UNKNOWN_PID, SOURCE_SHORT_READ). */
@@ -65,6 +77,11 @@ export interface ServeHandle extends EventEmitter<ServeEvents> {
   readonly socketPath: string;
   readonly plan: TransferPlan;
   readonly images: ImageSet;
+  readonly policy: Policy;
+  /** What the profile contributed (when `profile` was given and fits these images). */
+  readonly prefetch?: PrefetchPlan;
+  /** Problems found before the engine started (also emitted as 'warning' events). */
+  readonly warnings: string[];
   /** Settles when every page is in (or its task exited); rejects with ServeError. */
   readonly done: Promise<ServeReport>;
   /** Live counters, cheap to call. */
@@ -83,13 +100,25 @@ const SOCKET_NAME = 'lazy-pages.socket';
 export function serve(options: ServeOptions): ServeHandle {
   const images = options.images ?? readImages(options.imagesDir);
   const plan = planFromImages(images);
+  const basePolicy = typeof options.policy === 'object' ? options.policy : policyByName(options.policy ?? 'default');
+  // Recording needs every first touch to fault: readahead would hide the pages it installs.
+  const policy: Policy = options.recordProfile
+    ? { ...basePolicy, readahead: { ...basePolicy.readahead, mode: 'off', minPages: 1, maxPages: 1 } }
+    : basePolicy;
+  const warnings: string[] = [];
+  let prefetch: PrefetchPlan | undefined;
+  if (options.profile) {
+    const r = prefetchFromProfile(images, readProfile(options.profile));
+    prefetch = r.plan;
+    if (r.warning) warnings.push(r.warning);
+  }
   const socketPath = join(resolve(options.workDir ?? options.imagesDir), SOCKET_NAME);
   const emitter = new EventEmitter<ServeEvents>();
   const binding = native();
+  type NativeConfig = Parameters<typeof binding.NativeEngine.start>[0];
   let engine: InstanceType<typeof binding.NativeEngine>;
   try {
-    engine = binding.NativeEngine.start(
-      {
+    const config = {
         socketPath,
         files: plan.files,
         tasks: plan.tasks.map((t) => ({
@@ -100,7 +129,16 @@ export function serve(options: ServeOptions): ServeHandle {
         allowedUids: options.allowedUids,
         killOnFatal: options.killOnFatal ?? true,
         progressIntervalMs: options.progressIntervalMs,
-      },
+        policy: {
+          name: policy.name,
+          readahead: policy.readahead,
+          background: policy.background,
+          prefetch: prefetch?.tasks,
+          recordFaults: !!options.recordProfile,
+        },
+      };
+    engine = binding.NativeEngine.start(
+      config as NativeConfig,
       (err, ev) => {
         if (err || !ev) return;
         dispatch(emitter, ev);
@@ -110,17 +148,36 @@ export function serve(options: ServeOptions): ServeHandle {
     throw toServeError(e);
   }
   const done = engine.wait().then(
-    (report) => ({ ...(report as unknown as Snapshot), imagesDir: images.dir, socketPath, plannedPages: plan.pages }) as ServeReport,
+    (native) => {
+      const report = { ...(native as unknown as Snapshot), imagesDir: images.dir, socketPath, plannedPages: plan.pages } as ServeReport;
+      report.policy = policy.name;
+      if (prefetch) report.profile = { used: options.profile!, pages: prefetch.pages, dropped: prefetch.dropped };
+      if (options.recordProfile) {
+        const traces = report.tasks
+          .filter((t) => t.childIndex === 0)
+          .map((t) => ({ pid: t.imagePid, trace: (t.faultTrace ?? []).map((f) => ({ addr: BigInt(f.addr), atUs: f.atUs })) }));
+        const profile = profileFromTraces(images, traces);
+        writeProfile(options.recordProfile, profile);
+        report.profile = { recorded: options.recordProfile, pages: profile.tasks.reduce((n, t) => n + t.pages, 0), dropped: 0 };
+      }
+      // fault traces are for the profile file, not for every report reader
+      for (const t of report.tasks) delete t.faultTrace;
+      return report;
+    },
     (e: unknown) => {
       throw toServeError(e);
     },
   );
   // A rejection nobody awaited yet must not crash the process before the caller attaches.
   done.catch(() => undefined);
+  if (warnings.length) setImmediate(() => warnings.forEach((w) => emitter.emit('warning', w)));
   return Object.assign(emitter, {
     socketPath,
     plan,
     images,
+    policy,
+    prefetch,
+    warnings,
     done,
     stats: () => engine.stats() as unknown as Snapshot,
     finishFast: () => engine.finishFast(),

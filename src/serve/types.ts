@@ -26,6 +26,11 @@ export interface TaskStats {
   exited: boolean;
   firstFaultUs?: number;
   doneUs?: number;
+  /** Pages installed around faults (readahead) and from a profile (prefetch). */
+  pagesReadahead?: number;
+  pagesPrefetch?: number;
+  /** First-need order of faults (only when recording a profile). */
+  faultTrace?: { addr: bigint | number | string; atUs: number }[];
 }
 
 export interface Totals {
@@ -43,6 +48,8 @@ export interface Totals {
   bytesCopied: number;
   faults: number;
   eagainRetries: number;
+  pagesReadahead?: number;
+  pagesPrefetch?: number;
 }
 
 export interface LatencySummary {
@@ -61,7 +68,9 @@ export interface Snapshot {
   elapsedUs: number;
   totals: Totals;
   tasks: TaskStats[];
-  timeline: { connectUs?: number; allUffdsUs?: number; finishedUs?: number; doneUs?: number; finishFastUs?: number };
+  timeline: { connectUs?: number; allUffdsUs?: number; finishedUs?: number; doneUs?: number; finishFastUs?: number; prefetchDoneUs?: number };
+  /** Cumulative bytes copied over time (about every 10 ms). */
+  series?: { atUs: number; bytes: number }[];
   faultLatency: LatencySummary;
   /** Faults served per CPU index (the serving thread's CPU). */
   faultsPerCpu: number[];
@@ -73,4 +82,6 @@ export interface ServeReport extends Snapshot {
   imagesDir: string;
   socketPath: string;
   plannedPages: number;
+  policy?: string;
+  profile?: { used?: string; recorded?: string; pages: number; dropped: number };
 }
