@@ -2,7 +2,7 @@
  * The `lazy-restore` command line. Each subcommand parses its flags, calls the library, and
  * turns typed errors into one clear line on stderr and a non-zero exit status.
  */
-import { Command, CommanderError, InvalidArgumentError } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { readImages } from './criu/index.js';
 import { ImageError } from './criu/errors.js';
 import { inspectJson, inspectText } from './report/inspect.js';
@@ -113,7 +113,9 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
     .option('--report <file>', 'write the JSON report (schema lazy-restore/serve-report@1) here at the end')
     .option('--json', 'print the JSON report on stdout instead of the summary')
     .option('--chunk <KiB>', 'background chunk size in KiB (overrides the policy)', parseIntArg)
-    .option('--policy <name>', `transfer policy: ${POLICIES.map((p) => p.name).join(', ')} (see below)`, 'default')
+    .addOption(
+      new Option('--policy <name>', 'transfer policy (see below)').choices(POLICIES.map((p) => p.name)).default('default'),
+    )
     .option('--record-profile <file>', 'record the order pages were first needed (per process) into FILE; this run serves without readahead')
     .option('--profile <file>', 'prefetch the working set recorded in FILE first, in its order (ignored with a warning if recorded on other images)')
     .addHelpText(
