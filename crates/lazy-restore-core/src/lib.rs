@@ -5,13 +5,14 @@
 //!
 //! Where things are: [`handoff`] talks to `criu restore`; [`engine`] is the loop that serves
 //! faults and copies in the background; [`ranges`] knows what is still pending; [`source`]
-//! reads page bytes; [`uffd`] wraps the userfaultfd ioctls; [`telemetry`] holds what is
+//! reads page bytes; [`policy`] says how pages move (readahead, background, prefetch); [`uffd`] wraps the userfaultfd ioctls; [`telemetry`] holds what is
 //! measured and reported; [`tree`] finds and kills the restored process tree.
 
 pub mod engine;
 pub mod error;
 pub mod handoff;
 pub mod plan;
+pub mod policy;
 pub mod probe;
 pub mod ranges;
 pub mod source;
@@ -26,6 +27,10 @@ mod engine_tests;
 pub use engine::{Engine, EngineControl, EngineHandle, EventSink};
 pub use error::EngineError;
 pub use plan::{EngineConfig, PlanError, RangePlan, TaskPlan, DEFAULT_CHUNK_BYTES};
+pub use policy::{
+    Background, BackgroundOrder, CopyThread, Policy, PolicyError, PrefetchPlan, PrefetchRange,
+    Readahead, ReadaheadMode, TaskOrder,
+};
 pub use source::{FileSource, PageSource, SourceError};
 pub use telemetry::{
     CpuTime, EngineEvent, LatencySummary, Peer, Phase, Report, Snapshot, TaskStats, Timeline,

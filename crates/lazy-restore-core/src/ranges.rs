@@ -93,6 +93,34 @@ impl Bitmap {
         None
     }
 
+    /// The lowest set bit at or after `from`, if any.
+    pub fn next_set_from(&self, from: u64) -> Option<u64> {
+        if from >= self.len {
+            return None;
+        }
+        let mut w = ((from / 64) as usize).max(self.hint);
+        if w > (from / 64) as usize {
+            // Everything before the hint is clear.
+            return self.scan_words(w);
+        }
+        let first = self.words[w] & (u64::MAX << (from % 64));
+        if first != 0 {
+            return Some(w as u64 * 64 + u64::from(first.trailing_zeros()));
+        }
+        w += 1;
+        self.scan_words(w)
+    }
+
+    fn scan_words(&self, from_word: usize) -> Option<u64> {
+        self.words[from_word.min(self.words.len())..]
+            .iter()
+            .position(|&x| x != 0)
+            .map(|i| {
+                let w = from_word + i;
+                w as u64 * 64 + u64::from(self.words[w].trailing_zeros())
+            })
+    }
+
     /// How many consecutive bits are set starting at `from`, counting at most `max`.
     pub fn run_from(&self, from: u64, max: u64) -> u64 {
         let end = from.saturating_add(max).min(self.len);
@@ -356,6 +384,77 @@ impl RangeMap {
         let run = r.pending.run_from(first, max_pages.max(1));
         Some(r.span(first, run))
     }
+
+    /// The first run of pending pages at or after run-time address `addr` (wrapping around to
+    /// the lowest address), at most `max_pages` long, inside one range.
+    pub fn next_chunk_from(&mut self, addr: u64, max_pages: u64) -> Option<PageSpan> {
+        let addr = addr & !(PAGE_SIZE - 1);
+        let start_key = self
+            .ranges
+            .range(..=addr)
+            .next_back()
+            .filter(|(_, r)| addr < r.end())
+            .map_or(addr, |(&k, _)| k);
+        for (_, r) in self.ranges.range(start_key..) {
+            let from = addr.saturating_sub(r.runtime_start) / PAGE_SIZE;
+            if let Some(first) = r.pending.next_set_from(from) {
+                let run = r.pending.run_from(first, max_pages.max(1));
+                return Some(r.span(first, run));
+            }
+        }
+        self.next_chunk(max_pages)
+    }
+
+    /// The start of the range after the one holding (or following) run-time `addr`, wrapping
+    /// to the lowest range: where a round-robin over ranges goes next.
+    pub fn next_range_start(&self, addr: u64) -> Option<u64> {
+        self.ranges
+            .range(addr.saturating_add(1)..)
+            .next()
+            .or_else(|| self.ranges.iter().next())
+            .map(|(&k, _)| k)
+    }
+
+    /// The pending runs inside `[start, end)` (run-time addresses) of the one range holding
+    /// run-time address `at`, lowest first. Used to clip a readahead window: it never leaves
+    /// the range of the faulting page (a range never spans two VMAs).
+    pub fn pending_runs_in(&self, at: u64, start: u64, end: u64, out: &mut Vec<PageSpan>) {
+        out.clear();
+        let Some(r) = self.containing(at & !(PAGE_SIZE - 1)) else {
+            return;
+        };
+        let lo = start.max(r.runtime_start);
+        let hi = end.min(r.end());
+        if lo >= hi {
+            return;
+        }
+        let mut i = (lo - r.runtime_start) / PAGE_SIZE;
+        let last = (hi - r.runtime_start).div_ceil(PAGE_SIZE);
+        while i < last {
+            let Some(first) = r.pending.next_set_from(i).filter(|&f| f < last) else {
+                break;
+            };
+            let run = r.pending.run_from(first, last - first);
+            out.push(r.span(first, run));
+            i = first + run;
+        }
+    }
+
+    /// Where image address `image` lives now (run-time address), with its range's file
+    /// position, if it is inside a range (pending or not). Linear in the number of ranges.
+    pub fn image_span(&self, image: u64) -> Option<PageSpan> {
+        let page = image & !(PAGE_SIZE - 1);
+        self.ranges
+            .values()
+            .find(|r| page >= r.image_start && page < r.image_start + r.pending.len() * PAGE_SIZE)
+            .map(|r| r.span((page - r.image_start) / PAGE_SIZE, 1))
+    }
+
+    /// The range containing run-time `addr`: its run-time start and end.
+    pub fn range_bounds(&self, addr: u64) -> Option<(u64, u64)> {
+        self.containing(addr & !(PAGE_SIZE - 1))
+            .map(|r| (r.runtime_start, r.end()))
+    }
 }
 
 #[cfg(test)]
@@ -453,6 +552,57 @@ mod tests {
         assert_eq!(m.remap(0x90_0000, 0x10000, 2 * P), 2);
         assert_eq!(m.pending_page(0x10000).unwrap().image, 0x20000 + 10 * P);
         assert_eq!(m.pending_pages(), 102);
+    }
+
+    #[test]
+    fn next_set_from_and_chunks_from_an_address() {
+        let mut b = Bitmap::full(200);
+        b.clear_range(0, 70);
+        b.clear_range(130, 140);
+        assert_eq!(b.next_set_from(0), Some(70));
+        assert_eq!(b.next_set_from(129), Some(129));
+        assert_eq!(b.next_set_from(130), Some(140));
+        assert_eq!(b.next_set_from(200), None);
+        b.clear_range(140, 200);
+        assert_eq!(b.next_set_from(131), None);
+
+        let mut m = map();
+        // From inside the second range.
+        let c = m.next_chunk_from(0x20000 + 7 * P, 4).unwrap();
+        assert_eq!((c.runtime, c.pages), (0x20000 + 7 * P, 4));
+        // From a hole: the next range.
+        let c = m.next_chunk_from(0x15000, 4).unwrap();
+        assert_eq!(c.runtime, 0x20000);
+        // Past everything: wraps to the lowest.
+        let c = m.next_chunk_from(0x90_0000, 4).unwrap();
+        assert_eq!(c.runtime, 0x10000);
+        // Nothing pending after the address in its range: the next range.
+        m.clear(0x10000 + 2 * P, 0x10000 + 4 * P);
+        let c = m.next_chunk_from(0x10000 + 3 * P, 4).unwrap();
+        assert_eq!(c.runtime, 0x20000);
+        assert_eq!(m.next_range_start(0x10000), Some(0x20000));
+        assert_eq!(m.next_range_start(0x20000), Some(0x10000));
+    }
+
+    #[test]
+    fn pending_runs_are_clipped_to_the_window_and_the_range() {
+        let mut m = map();
+        m.clear(0x20000 + 3 * P, 0x20000 + 5 * P);
+        let mut out = Vec::new();
+        // Window 0x20000-16 pages.. covering pages 0..8 of the second range.
+        m.pending_runs_in(0x20000 + P, 0x20000 - 8 * P, 0x20000 + 8 * P, &mut out);
+        let runs: Vec<(u64, u64)> = out.iter().map(|s| (s.runtime, s.pages)).collect();
+        assert_eq!(runs, [(0x20000, 3), (0x20000 + 5 * P, 3)]);
+        assert_eq!(out[1].offset, 8 * P + 5 * P);
+        // Clipped at the range end (the first range has 4 pages).
+        m.pending_runs_in(0x10000, 0x10000, 0x10000 + 64 * P, &mut out);
+        assert_eq!((out.len(), out[0].pages), (1, 4));
+        // Outside any range: nothing.
+        m.pending_runs_in(0x15000, 0x15000, 0x16000, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(m.image_span(0x20000 + 9 * P).unwrap().offset, 8 * P + 9 * P);
+        assert!(m.image_span(0x15000).is_none());
+        assert_eq!(m.range_bounds(0x10000 + 5), Some((0x10000, 0x10000 + 4 * P)));
     }
 
     #[test]
