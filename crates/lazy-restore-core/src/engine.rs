@@ -8,6 +8,7 @@
 //! never a callback per fault.
 
 use crate::error::EngineError;
+use crate::guardian::{GuardianLink, Watch};
 use crate::handoff::{self, Accepted, Handoff, Message};
 use crate::plan::{self, EngineConfig};
 use crate::ranges::{PageSpan, RangeMap, RangeSeed};
@@ -21,7 +22,7 @@ use crate::tree::{self, HostProc};
 use crate::uffd::{CopyError, Event, Uffd, PAGE_SIZE};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,6 +74,12 @@ impl Engine {
         for (i, &n) in needed.iter().enumerate() {
             source.check_len(i as u32, n).map_err(EngineError::Source)?;
         }
+        // Before the socket listens: once criu restore can connect, every uffd we receive
+        // must get a second holder that outlives this process.
+        let guardian = match (&config.guardian, config.kill_on_fatal) {
+            (Some(path), true) => Some(GuardianLink::spawn(path)?),
+            _ => None,
+        };
         let listener = handoff::listen(&config.socket_path)?;
         let io_err = |what| move |source| EngineError::Io { what, source };
         let epoll = Epoll::new().map_err(io_err("creating the epoll instance"))?;
@@ -97,7 +104,7 @@ impl Engine {
             ended: Mutex::new(false),
             ended_cv: Condvar::new(),
         });
-        let fault_loop = FaultLoop::new(
+        let mut fault_loop = FaultLoop::new(
             config,
             Box::new(source),
             listener,
@@ -106,6 +113,7 @@ impl Engine {
             Arc::clone(&shared),
             on_event,
         );
+        fault_loop.guardian = guardian;
         let guard = EndedGuard(Arc::clone(&shared));
         let thread = std::thread::Builder::new()
             .name("lazy-restore-engine".into())
@@ -326,6 +334,10 @@ struct FaultLoop {
     events: Vec<Event>,
     dirty: bool,
     last_progress: Instant,
+    /// The guardian holding a second reference to every uffd (None: no guardian).
+    guardian: Option<GuardianLink>,
+    /// A send to the guardian failed: stop trying (each try could block), warn once.
+    guardian_lost: bool,
 }
 
 impl FaultLoop {
@@ -397,6 +409,8 @@ impl FaultLoop {
             events: Vec::new(),
             dirty: false,
             last_progress: now,
+            guardian: None,
+            guardian_lost: false,
         }
     }
 
@@ -429,6 +443,9 @@ impl FaultLoop {
         };
         self.check_done();
         self.set_phase(Phase::Done);
+        // Before our uffds close: DONE lets the guardian go; with pages still missing (a
+        // fatal error, an abort) it kills the tree — again, if `fail` already did.
+        self.end_guardian();
         // Close every uffd: the kernel resolves any later fault itself.
         for t in &mut self.tasks {
             t.uffd = None;
@@ -456,11 +473,7 @@ impl FaultLoop {
 
     /// A fatal error: if any task could be running on memory we did not fill, kill the tree.
     fn fail(&mut self, cause: EngineError) -> EngineError {
-        let outstanding = self
-            .tasks
-            .iter()
-            .any(|t| t.uffd.is_some() && t.ranges.pending_pages() > 0);
-        if !self.kill_on_fatal || !outstanding {
+        if !self.kill_on_fatal || !self.outstanding() {
             return cause;
         }
         let roots: Vec<HostProc> = self
@@ -473,6 +486,51 @@ impl FaultLoop {
         EngineError::TreeKilled {
             cause: Box::new(cause),
             killed,
+        }
+    }
+
+    /// True while a live task still has pages we never filled.
+    fn outstanding(&self) -> bool {
+        self.tasks
+            .iter()
+            .any(|t| t.uffd.is_some() && t.ranges.pending_pages() > 0)
+    }
+
+    // ---- guardian ------------------------------------------------------------------------
+
+    /// Hands the guardian a reference to a uffd we just got.
+    fn guard(&mut self, watch: Watch, uffd: BorrowedFd<'_>) {
+        let result = match (self.guardian.as_mut(), self.guardian_lost) {
+            (Some(g), false) => g.watch(watch, uffd),
+            _ => return,
+        };
+        if let Err(e) = result {
+            let what = format!("taking task {}'s userfaultfd", watch.image_pid);
+            self.guardian_failed(&what, e);
+        }
+    }
+
+    /// A failed send: the transfer itself is fine, so it goes on, but unprotected.
+    fn guardian_failed(&mut self, what: &str, e: std::io::Error) {
+        self.guardian_lost = true;
+        let at_us = self.us();
+        let message = format!(
+            "the guardian failed while {what} ({e}); if this daemon dies before every page is in, the restored processes will read zero pages"
+        );
+        self.emit(EngineEvent::Warning { at_us, message });
+    }
+
+    fn end_guardian(&mut self) {
+        let Some(g) = self.guardian.take() else {
+            return;
+        };
+        let complete = !self.outstanding();
+        if let (Err(e), true) = (g.finish(complete), complete) {
+            let at_us = self.us();
+            let message = format!(
+                "could not tell the guardian that every page is in ({e}); it may kill the restored tree"
+            );
+            self.emit(EngineEvent::Warning { at_us, message });
         }
     }
 
@@ -641,7 +699,15 @@ impl FaultLoop {
                         what: "watching a userfaultfd",
                         source,
                     })?;
-                let host = tree::resolve(self.peer.map(|p| p.pid), pid);
+                let peer_pid = self.peer.map(|p| p.pid);
+                let host = tree::resolve(peer_pid, pid);
+                let watch = Watch {
+                    image_pid: pid,
+                    child_index: 0,
+                    host,
+                    peer_pid,
+                };
+                self.guard(watch, uffd.as_fd());
                 let task = &mut self.tasks[idx];
                 task.uffd = Some(uffd);
                 task.received = true;
@@ -824,6 +890,13 @@ impl FaultLoop {
         let counter = self.children_of.entry(image_pid).or_insert(0);
         *counter += 1;
         let child_index = *counter;
+        let watch = Watch {
+            image_pid,
+            child_index,
+            host: None,
+            peer_pid: self.peer.map(|p| p.pid),
+        };
+        self.guard(watch, uffd.as_fd());
         let ranges = self.tasks[parent].ranges.clone();
         let stats = TaskStats {
             image_pid,
@@ -1090,6 +1163,13 @@ impl FaultLoop {
             totals: snap.totals.clone(),
             tasks: snap.tasks.clone(),
         };
+        // Only for the guardian's message if this process dies; never blocks.
+        let pending = snap.totals.pages_pending;
+        if let (Some(g), false) = (self.guardian.as_mut(), self.guardian_lost) {
+            if let Err(e) = g.pending(pending) {
+                self.guardian_failed("taking a progress report", e);
+            }
+        }
         *lock(&self.shared.snapshot) = snap;
         self.emit(ev);
     }

@@ -2,6 +2,7 @@
 //! [`code`](EngineError::code) (what the binding puts on the JS error) and a message that says
 //! which pid, address, file and offset were involved.
 
+use crate::guardian::GuardianError;
 use crate::handoff::HandoffError;
 use crate::plan::PlanError;
 use crate::source::SourceError;
@@ -50,6 +51,8 @@ pub enum EngineError {
     Aborted { reason: String },
     /// The engine thread panicked: {message}
     Panicked { message: String },
+    /// {0}
+    Guardian(GuardianError),
     /// {cause}; the served tree was killed (pids {killed:?}) so it never runs on unrestored memory
     TreeKilled {
         cause: Box<EngineError>,
@@ -85,6 +88,7 @@ impl EngineError {
             Self::Io { .. } => "ENGINE_IO",
             Self::Aborted { .. } => "ABORTED",
             Self::Panicked { .. } => "PANICKED",
+            Self::Guardian(_) => "GUARDIAN_START",
             Self::TreeKilled { cause, .. } => cause.code(),
         }
     }
@@ -149,6 +153,7 @@ impl fmt::Display for EngineError {
             Self::Io { what, source } => write!(f, "engine I/O failed while {what}: {source}"),
             Self::Aborted { reason } => write!(f, "aborted: {reason}"),
             Self::Panicked { message } => write!(f, "the engine thread panicked: {message}"),
+            Self::Guardian(e) => write!(f, "{e}"),
             Self::TreeKilled { cause, killed } => {
                 write!(f, "{cause}; killed the served tree (pids {killed:?}) so it never runs on unrestored memory")
             }
@@ -162,6 +167,7 @@ impl std::error::Error for EngineError {
             Self::Plan(e) => Some(e),
             Self::Source(e) | Self::PageRead { source: e, .. } => Some(e),
             Self::Handoff(e) => Some(e),
+            Self::Guardian(e) => Some(e),
             Self::UffdRead { source, .. } | Self::Io { source, .. } => Some(source),
             Self::TreeKilled { cause, .. } => Some(cause.as_ref()),
             _ => None,
@@ -172,6 +178,12 @@ impl std::error::Error for EngineError {
 impl From<PlanError> for EngineError {
     fn from(e: PlanError) -> Self {
         Self::Plan(e)
+    }
+}
+
+impl From<GuardianError> for EngineError {
+    fn from(e: GuardianError) -> Self {
+        Self::Guardian(e)
     }
 }
 

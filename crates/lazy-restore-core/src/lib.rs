@@ -4,12 +4,13 @@
 //! socket hand-off — and knows nothing of Node. The napi crate only converts types.
 //!
 //! Where things are: [`handoff`] talks to `criu restore`; [`engine`] is the loop that serves
-//! faults and copies in the background; [`ranges`] knows what is still pending; [`source`]
+//! faults and copies in the background; [`guardian`] outlives it and kills the tree if it dies mid-transfer; [`ranges`] knows what is still pending; [`source`]
 //! reads page bytes; [`policy`] says how pages move (readahead, background, prefetch); [`uffd`] wraps the userfaultfd ioctls; [`telemetry`] holds what is
 //! measured and reported; [`tree`] finds and kills the restored process tree.
 
 pub mod engine;
 pub mod error;
+pub mod guardian;
 pub mod handoff;
 pub mod plan;
 pub mod policy;

@@ -28,10 +28,17 @@ pub struct EngineConfig {
     pub kill_on_fatal: bool,
     /// Minimum time between two progress events.
     pub progress_interval: Duration,
+    /// The `lazy-restore-guardian` binary to start with the engine: it holds a reference to
+    /// every served userfaultfd, so if this process dies mid-transfer the restored tasks stay
+    /// blocked on their missing pages until it has killed them, instead of reading zeros
+    /// (see [`crate::guardian`]). `None`: no guardian (in-process tests). Ignored when
+    /// `kill_on_fatal` is off: a guardian's only action is to kill.
+    pub guardian: Option<PathBuf>,
 }
 
 impl EngineConfig {
-    /// A config with the defaults: 256 KiB chunks, uid 0 only, kill on fatal, 100 ms progress.
+    /// A config with the defaults: 256 KiB chunks, uid 0 only, kill on fatal, 100 ms progress,
+    /// no guardian.
     pub fn new(socket_path: PathBuf, tasks: Vec<TaskPlan>, files: Vec<PathBuf>) -> Self {
         Self {
             socket_path,
@@ -41,6 +48,7 @@ impl EngineConfig {
             allowed_uids: vec![0],
             kill_on_fatal: true,
             progress_interval: Duration::from_millis(100),
+            guardian: None,
         }
     }
 }

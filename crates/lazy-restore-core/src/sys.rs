@@ -1,6 +1,8 @@
 //! The only place with `unsafe`: thin wrappers over the userfaultfd ABI and the few libc
-//! calls around it (epoll, `recvmsg` with `SCM_RIGHTS`, `SO_PEERCRED`, `kill`, per-thread CPU
-//! accounting). Everything above this module is safe Rust.
+//! calls around it (epoll, `recvmsg`/`sendmsg` with `SCM_RIGHTS`, `SO_PEERCRED`, `kill`,
+//! per-thread CPU accounting, and what the guardian needs: a seqpacket pair, spawning it in a
+//! session of its own with its socket as fd 3, closing inherited fds, ignoring signals).
+//! Everything above this module is safe Rust.
 //!
 //! Layouts and ioctl numbers are those of `linux/userfaultfd.h` on x86_64 (and every 64-bit
 //! Linux arch: the structs have no arch-dependent padding). See `userfaultfd(2)` and
@@ -365,6 +367,19 @@ pub fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received>
 /// Sends `data` with one descriptor attached (`SCM_RIGHTS`), as CRIU's restored tasks do.
 #[cfg(test)]
 pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    send_msg(sock, data, Some(fd), false)
+}
+
+/// One `sendmsg` of `data` with `fd` (if any) attached as `SCM_RIGHTS` — the receiver gets its
+/// own reference to the same open file. `MSG_NOSIGNAL`: a vanished peer is `EPIPE`, never a
+/// SIGPIPE. `dontwait` makes a full socket buffer `EAGAIN` instead of blocking (or waiting
+/// for `SO_SNDTIMEO`).
+pub fn send_msg(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    dontwait: bool,
+) -> io::Result<usize> {
     let mut control = [0u64; 4];
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
@@ -374,21 +389,181 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as _;
-    // SAFETY: the control buffer (32 bytes) holds one cmsghdr plus one int; we fill exactly
-    // that; the kernel only reads `data` and `control`, both alive for the call.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
-        libc::CMSG_DATA(cmsg)
-            .cast::<libc::c_int>()
-            .write_unaligned(fd.as_raw_fd());
-        cvt_size(libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL))
+    if let Some(fd) = fd {
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as _;
+        // SAFETY: the control buffer (32 bytes) holds one cmsghdr plus one int; we fill
+        // exactly that.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+            libc::CMSG_DATA(cmsg)
+                .cast::<libc::c_int>()
+                .write_unaligned(fd.as_raw_fd());
+        }
     }
+    let mut flags = libc::MSG_NOSIGNAL;
+    if dontwait {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    // SAFETY: `msg` points at `iov` (→ `data`) and, when a descriptor is attached, at
+    // `control`; the kernel only reads them, and all are alive for the call.
+    cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) })
+}
+
+/// A connected pair of close-on-exec `AF_UNIX` `SOCK_SEQPACKET` sockets: message boundaries
+/// are kept (one record per `sendmsg`, its descriptors with it) and a peer that is gone reads
+/// as a 0-byte message (EOF).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    let kind = libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC;
+    // SAFETY: the kernel writes two ints into `fds`, which lives on our stack.
+    cvt(unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) })?;
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `SO_SNDTIMEO`: a blocking send on `sock` gives up with `EAGAIN` after `timeout`.
+pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: the kernel reads one `timeval` from our stack.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `SO_TYPE` of a socket (e.g. `SOCK_SEQPACKET`); an error for anything that is not one.
+pub fn socket_type(sock: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    let mut kind: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `kind` on our stack.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(kind)
+}
+
+/// Waits until `fd` is readable or its peer hung up (true), or `timeout` passed (false;
+/// `None` waits forever). An interrupted wait counts as a timeout.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as libc::c_int);
+    // SAFETY: the kernel reads and writes the one `pollfd` on our stack.
+    match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
+        Ok(n) => Ok(n > 0),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Spawns `cmd` in a session of its own (`setsid`: no controlling terminal, so a Ctrl-C or a
+/// hangup of our terminal never reaches it) with `fd` as its descriptor 3. `fd` itself may
+/// be close-on-exec; the child's descriptor 3 is not.
+pub fn spawn_with_fd3_in_new_session(
+    cmd: &mut std::process::Command,
+    fd: BorrowedFd<'_>,
+) -> io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe syscalls (setsid, dup2, fcntl) on plain ints; it allocates nothing
+    // (an `io::Error` from an errno is stored inline) and touches no lock. `raw` stays open
+    // in the parent (the caller borrows it) until `spawn` returns, so it is valid in the
+    // child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if raw == 3 {
+                // dup2 onto itself would leave close-on-exec set.
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Takes ownership of descriptor `raw`, which this process inherited at exec (the guardian's
+/// socket, fd 3), after checking that it is open; marks it close-on-exec.
+pub fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD/F_SETFD take and return plain ints; no memory is passed.
+    unsafe {
+        cvt(libc::fcntl(raw, libc::F_GETFD))?;
+        cvt(libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC))?;
+    }
+    // SAFETY: the descriptor is open (checked above) and, having been inherited at exec by a
+    // process that has not opened anything under this number, has no other owner here.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Closes every descriptor from `lowest` up (`close_range(2)`, or one by one from
+/// `/proc/self/fd` on kernels before 5.9). Call only before anything owns such descriptors.
+pub fn close_fds_from(lowest: RawFd) {
+    // SAFETY: plain syscall with int arguments; closing descriptors nobody in this process
+    // owns yet (the caller's contract) cannot invalidate an `OwnedFd`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            lowest as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        return;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= lowest)
+        .collect();
+    for fd in fds {
+        // SAFETY: as above; the read_dir handle is closed by now, so a stale number is at
+        // worst EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Sets `sig` to be ignored (`SIG_IGN`).
+pub fn ignore_signal(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: installing SIG_IGN involves no handler code, so nothing can run in signal
+    // context.
+    if unsafe { libc::signal(sig, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An epoll instance (`epoll(7)`), level-triggered.

@@ -82,6 +82,28 @@ pub fn resolve(peer: Option<i32>, vpid: i32) -> Option<HostProc> {
     None
 }
 
+/// Every live descendant of `root` (not `root` itself), each with its identity, if `root` is
+/// still the same process. The guardian snapshots these while the daemon lives, so a child
+/// that is later reparented away from the tree is still known when the tree must be killed.
+pub fn descendants(root: &HostProc) -> Vec<HostProc> {
+    let mut out = Vec::new();
+    if !root.is_same() {
+        return out;
+    }
+    let mut seen = HashSet::from([root.pid]);
+    let mut stack = children(root.pid);
+    while let Some(pid) = stack.pop() {
+        if !seen.insert(pid) || seen.len() > 100_000 {
+            continue;
+        }
+        if let Some(p) = HostProc::of(pid) {
+            out.push(p);
+            stack.extend(children(pid));
+        }
+    }
+    out
+}
+
 /// SIGKILLs every root and all its descendants. Roots are checked against pid reuse; the tree
 /// is first frozen top-down with SIGSTOP (a stopped task cannot fork behind our back), then
 /// killed. Never signals this process. Returns the pids killed.

@@ -82,6 +82,10 @@ pub struct NativeEngineConfig {
     pub allowed_uids: Option<Vec<u32>>,
     pub kill_on_fatal: Option<bool>,
     pub progress_interval_ms: Option<u32>,
+    /// Absolute path of `lazy-restore-guardian`: started with the engine, it holds every
+    /// userfaultfd too, so a daemon that dies mid-transfer gets the restored tree killed
+    /// instead of running on zero pages. Absent: no guardian. Ignored when killOnFatal is false.
+    pub guardian_path: Option<String>,
 }
 
 fn u64_of(b: &BigInt, what: &str, pid: i32) -> Result<u64, String> {
@@ -135,6 +139,7 @@ fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, String> {
     if let Some(ms) = c.progress_interval_ms {
         cfg.progress_interval = Duration::from_millis(u64::from(ms));
     }
+    cfg.guardian = c.guardian_path.map(PathBuf::from);
     Ok(cfg)
 }
 
@@ -508,7 +513,7 @@ pub struct NativeEngine {
 impl NativeEngine {
     /// Validates the plan, binds and listens on the socket, and starts serving on the engine's
     /// own thread. `onEvent` receives batched events (never one per fault). Throws an Error with
-    /// `code` (e.g. 'PLAN_INVALID', 'SOURCE_OPEN', 'HANDOFF_LISTEN').
+    /// `code` (e.g. 'PLAN_INVALID', 'SOURCE_OPEN', 'HANDOFF_LISTEN', 'GUARDIAN_START').
     #[napi(factory)]
     pub fn start(
         env: Env,
