@@ -111,8 +111,8 @@ export async function restoreLazily(
 }
 
 /** CRIU's own daemon on the same images, for comparison runs. */
-export async function startCriuDaemon(imgs: string, workDir: string): Promise<Daemon> {
+export async function startCriuDaemon(imgs: string, workDir: string, verbosity = 4): Promise<Daemon> {
   mkdirSync(workDir, { recursive: true });
-  const { child, logFile } = await startCriuLazyPages({ dir: imgs, workDir });
+  const { child, logFile } = await startCriuLazyPages({ dir: imgs, workDir, verbosity });
   return { child, logFile, reportFile: '', exit: exited(child), stderr: () => '' };
 }

@@ -95,8 +95,13 @@ export function startRestore(o: { dir: string; workDir?: string; lazy?: boolean;
 }
 
 /** CRIU's own daemon, for comparisons. Resolves once its socket is listening (status-fd). */
-export async function startCriuLazyPages(o: { dir: string; workDir?: string }): Promise<{ child: ChildProcess; logFile: string }> {
-  const args = ['lazy-pages', '-D', o.dir, '-o', 'lazy-pages.log', '-v4', '--status-fd', '3'];
+export async function startCriuLazyPages(o: {
+  dir: string;
+  workDir?: string;
+  /** criu -v level; at 4 it logs a line per fault, which slows it down: use 2 when timing. */
+  verbosity?: number;
+}): Promise<{ child: ChildProcess; logFile: string }> {
+  const args = ['lazy-pages', '-D', o.dir, '-o', 'lazy-pages.log', `-v${o.verbosity ?? 4}`, '--status-fd', '3'];
   if (o.workDir) args.push('-W', o.workDir);
   const child = spawn('criu', args, { stdio: ['ignore', 'ignore', 'pipe', 'pipe'] });
   const status = child.stdio[3] as NodeJS.ReadableStream;
