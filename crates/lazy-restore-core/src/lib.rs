@@ -25,6 +25,17 @@ pub mod uffd;
 #[cfg(test)]
 mod engine_tests;
 
+/// Helpers for benchmarks and tests that play the restored task in their own process. Not
+/// part of the API.
+#[doc(hidden)]
+pub mod testkit {
+    pub use crate::sys::testmem::{fork_run, wait_child, Region};
+    pub use crate::sys::{
+        fadvise, file_size, uffdio_api, uffdio_copy, uffdio_copy_raw, uffdio_register,
+        userfaultfd, Epoll, FileMapping, MADV_POPULATE_READ, MODE_DONTWAKE, REGISTER_MODE_MISSING,
+    };
+}
+
 pub use engine::{Engine, EngineControl, EngineHandle, EventSink};
 pub use error::EngineError;
 pub use plan::{EngineConfig, PlanError, RangePlan, TaskPlan, DEFAULT_CHUNK_BYTES};

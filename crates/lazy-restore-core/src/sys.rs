@@ -184,6 +184,31 @@ pub fn uffdio_copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8], mode: u64) -> io::R
     fill_result(rc, copy.copy, copy.len)
 }
 
+/// UFFDIO_COPY of `len` bytes at address `src` of this process to `dst` in the uffd's mm.
+/// `src` is never dereferenced here: only the kernel reads it, with `copy_from_user`, so an
+/// unreadable source (e.g. a file mapping past a truncated end) fails with EFAULT instead of
+/// raising SIGBUS in the daemon. Same result convention as [`uffdio_copy`].
+pub fn uffdio_copy_raw(
+    fd: BorrowedFd<'_>,
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+) -> io::Result<usize> {
+    let mut copy = UffdioCopy {
+        dst,
+        src,
+        len,
+        mode,
+        copy: 0,
+    };
+    // SAFETY: the kernel validates `src` as a user address of this process and reads it with
+    // fault handling (EFAULT on failure); it writes only into the uffd's registered range and
+    // the `copy` out field of the struct on our stack. No Rust reference to `src` exists.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_COPY, &mut copy as *mut _) };
+    fill_result(rc, copy.copy, copy.len)
+}
+
 /// UFFDIO_ZEROPAGE of `[start, start+len)`. Same result convention as [`uffdio_copy`].
 pub fn uffdio_zeropage(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> io::Result<usize> {
     let mut zp = UffdioZeropage {
@@ -659,6 +684,115 @@ impl Epoll {
     }
 }
 
+/// A read-only shared mapping of a whole file, for [`uffdio_copy_raw`] only: nothing in this
+/// crate ever reads it from user space, so a file truncated under us shows up as EFAULT from
+/// UFFDIO_COPY (the kernel's `copy_from_user` fixup), never as SIGBUS. Unmapped on drop.
+#[derive(Debug)]
+pub struct FileMapping {
+    addr: usize,
+    len: usize,
+}
+
+impl FileMapping {
+    /// `mmap(PROT_READ, MAP_SHARED)` of the first `len` bytes of `fd` (`len` > 0).
+    pub fn map(fd: BorrowedFd<'_>, len: u64) -> io::Result<Self> {
+        let len = usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large to map"))?;
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty file"));
+        }
+        // SAFETY: a new read-only mapping at a kernel-chosen address aliases nothing of ours;
+        // it is only ever passed to the kernel as an ioctl source address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// The address of file offset `offset` in this process (for [`uffdio_copy_raw`]).
+    pub fn addr_of(&self, offset: u64) -> u64 {
+        self.addr as u64 + offset
+    }
+
+    /// Mapped length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// True for an empty mapping (never: `map` refuses length 0).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `madvise` over `[offset, offset+len)` (clamped to the mapping), page aligned outward.
+    pub fn advise(&self, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+        let start = offset & !4095;
+        let end = offset.saturating_add(len).min(self.len as u64);
+        if start >= end {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside our mapping; advice only changes paging behaviour
+        // (WILLNEED, SEQUENTIAL, POPULATE_READ never raise SIGBUS: they return errors).
+        cvt(unsafe {
+            libc::madvise(
+                (self.addr as u64 + start) as *mut libc::c_void,
+                (end - start) as usize,
+                advice,
+            )
+        })
+        .map(drop)
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping and nothing refers to it after drop.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// `MADV_POPULATE_READ` (Linux 5.14): prefault page tables readable; errors instead of SIGBUS.
+pub const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// `posix_fadvise(fd, offset, len, advice)`.
+pub fn fadvise(fd: BorrowedFd<'_>, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            advice,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// `fstat(fd).st_size`.
+pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: stat is plain old data.
+    let mut st: libc::stat = unsafe { zeroed() };
+    // SAFETY: the kernel fills the `stat` on our stack.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.st_size as u64)
+}
+
 /// The runtime page size (`sysconf(_SC_PAGESIZE)`).
 pub fn page_size() -> u64 {
     // SAFETY: sysconf takes an int and returns a long; no memory is passed.
@@ -696,9 +830,9 @@ pub fn thread_cpu_time_us() -> (u64, u64) {
     (us(ru.ru_utime), us(ru.ru_stime))
 }
 
-/// Memory helpers for tests that play the restored task inside the test process: an anonymous
-/// private mapping the test registers with its own uffd and then touches, remaps, unmaps.
-#[cfg(test)]
+/// Memory helpers for tests and benchmarks that play the restored task inside their own
+/// process: an anonymous private mapping registered with its own uffd, then touched, remapped,
+/// unmapped.
 pub mod testmem {
     use super::cvt;
     use std::io;
