@@ -72,6 +72,7 @@ impl EngineError {
                 SourceError::ShortRead { .. } => "SOURCE_SHORT_READ",
                 SourceError::Read { .. } => "SOURCE_READ",
                 SourceError::UnknownFile { .. } => "SOURCE_UNKNOWN_FILE",
+                SourceError::Remote(r) => r.code(),
             },
             Self::Handoff(e) => match e {
                 HandoffError::Listen { .. } => "HANDOFF_LISTEN",

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod policy;
 pub mod probe;
 pub mod ranges;
+pub mod remote;
 pub mod source;
 mod sys;
 pub mod telemetry;

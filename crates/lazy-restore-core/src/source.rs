@@ -37,6 +37,8 @@ pub enum SourceError {
     },
     /// No file with index {file}
     UnknownFile { file: u32 },
+    /// Remote page source: {0}
+    Remote(crate::remote::RemoteError),
 }
 
 impl fmt::Display for SourceError {
@@ -55,6 +57,7 @@ impl fmt::Display for SourceError {
                 write!(f, "cannot read {} at offset {offset}: {source}", path.display())
             }
             Self::UnknownFile { file } => write!(f, "no pages file with index {file}"),
+            Self::Remote(e) => write!(f, "remote page source: {e}"),
         }
     }
 }
@@ -63,6 +66,7 @@ impl std::error::Error for SourceError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Open { source, .. } | Self::Read { source, .. } => Some(source),
+            Self::Remote(e) => Some(e),
             _ => None,
         }
     }

@@ -1,0 +1,265 @@
+//! Client of CRIU's own page server (`criu dump --lazy-pages --address A --port P`, or
+//! `criu page-server --lazy-pages`): one TCP stream per session, GET / reply / CLOSE
+//! (shared/docs/criu-lazy-pages.md §4).
+//!
+//! * Header: 4.1.1 = 24 bytes {cmd u32, nr_pages u32, vaddr u64, dst_id u64}; 4.2 = 32 bytes
+//!   {cmd u32, pad u32, nr_pages u64, vaddr u64, dst_id u64}. Nothing negotiates it: the user
+//!   says which ([`HeaderLayout`]).
+//! * GET = cmd 7, dst_id = pstree pid; reply = cmd 0x00040006 with the same vaddr and dst_id and
+//!   m ≤ n pages of raw bytes. A shorter reply is fine: ask again for the rest.
+//! * The server drops the whole session when asked for an address it does not hold lazily, so
+//!   this client refuses, before sending, any page outside the PE_LAZY (not PE_PRESENT) ranges
+//!   it was given.
+//! * CLOSE (0x1023) makes the dump side kill the source tasks whatever was fetched, so it is
+//!   sent only once every lazy page has arrived; otherwise the socket is just dropped and the
+//!   source resumes its tasks.
+//! * One connection, no reconnect: CRIU's server accepts a single session.
+
+use crate::remote::intervals::IntervalSet;
+use crate::remote::RemoteError;
+use crate::source::{PageSource, SourceError};
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+/// PS_IOV_GET.
+pub const PS_IOV_GET: u32 = 7;
+/// PS_IOV_CLOSE.
+pub const PS_IOV_CLOSE: u32 = 0x1023;
+/// The reply to a GET: PS_IOV_ADD_F | PE_PRESENT << 16.
+pub const PS_REPLY: u32 = 0x0004_0006;
+const PAGE: u64 = 4096;
+
+/// Which CRIU's header layout the server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderLayout {
+    /// CRIU ≤ 4.1.1: 24 bytes.
+    Criu41,
+    /// CRIU 4.2+: 32 bytes (nr_pages u64).
+    Criu42,
+}
+
+/// One `page_server_iov`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PsIov {
+    pub cmd: u32,
+    pub nr_pages: u64,
+    pub vaddr: u64,
+    pub dst_id: u64,
+}
+
+impl HeaderLayout {
+    /// Header size in bytes.
+    pub fn len(self) -> usize {
+        match self {
+            Self::Criu41 => 24,
+            Self::Criu42 => 32,
+        }
+    }
+
+    /// Encodes a header.
+    pub fn encode(self, h: &PsIov) -> Vec<u8> {
+        let mut b = Vec::with_capacity(32);
+        b.extend_from_slice(&h.cmd.to_le_bytes());
+        match self {
+            Self::Criu41 => b.extend_from_slice(&(h.nr_pages.min(u64::from(u32::MAX)) as u32).to_le_bytes()),
+            Self::Criu42 => {
+                b.extend_from_slice(&[0; 4]);
+                b.extend_from_slice(&h.nr_pages.to_le_bytes());
+            }
+        }
+        b.extend_from_slice(&h.vaddr.to_le_bytes());
+        b.extend_from_slice(&h.dst_id.to_le_bytes());
+        b
+    }
+
+    /// Decodes a header of [`len`](Self::len) bytes.
+    pub fn decode(self, b: &[u8]) -> PsIov {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        match self {
+            Self::Criu41 => PsIov { cmd: u32_at(0), nr_pages: u64::from(u32_at(4)), vaddr: u64_at(8), dst_id: u64_at(16) },
+            Self::Criu42 => PsIov { cmd: u32_at(0), nr_pages: u64_at(8), vaddr: u64_at(16), dst_id: u64_at(24) },
+        }
+    }
+}
+
+/// A task's lazy ranges on the source: (image address, pages), sorted, disjoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyTask {
+    pub pid: i32,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// A session with a CRIU page server.
+pub struct CriuClient {
+    addr: String,
+    layout: HeaderLayout,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    lazy: HashMap<i32, Vec<(u64, u64)>>,
+    total_pages: u64,
+    got: IntervalSet,
+    broken: bool,
+    closed: bool,
+}
+
+impl CriuClient {
+    /// Connects. `lazy` lists every page the source holds lazily (what the client may ask for
+    /// and must fetch before CLOSE).
+    pub fn connect(addr: &str, layout: HeaderLayout, lazy: Vec<LazyTask>) -> Result<Self, RemoteError> {
+        let s = TcpStream::connect(addr).map_err(|e| RemoteError::Unavailable {
+            addr: addr.to_string(),
+            grace: Duration::ZERO,
+            last: format!("connect: {e}"),
+        })?;
+        let _ = s.set_nodelay(true);
+        let writer = s.try_clone().map_err(|e| RemoteError::Protocol { addr: addr.to_string(), what: e.to_string() })?;
+        let total_pages = lazy.iter().flat_map(|t| &t.ranges).map(|r| r.1).sum();
+        Ok(Self {
+            addr: addr.to_string(),
+            layout,
+            reader: BufReader::with_capacity(256 * 1024, s),
+            writer,
+            lazy: lazy.into_iter().map(|t| (t.pid, t.ranges)).collect(),
+            total_pages,
+            got: IntervalSet::new(),
+            broken: false,
+            closed: false,
+        })
+    }
+
+    fn holds(&self, pid: i32, addr: u64, pages: u64) -> bool {
+        let Some(rs) = self.lazy.get(&pid) else { return false };
+        let end = addr + pages * PAGE;
+        let i = rs.partition_point(|&(s, n)| s + n * PAGE <= addr);
+        rs.get(i).is_some_and(|&(s, n)| s <= addr && end <= s + n * PAGE)
+    }
+
+    fn lost(&mut self, what: String) -> RemoteError {
+        self.broken = true;
+        RemoteError::Unavailable { addr: self.addr.clone(), grace: Duration::ZERO, last: what }
+    }
+
+    /// Fetches `buf.len() / 4096` pages of `pid` at image address `addr`, asking again for the
+    /// rest whenever a reply brings fewer pages than asked.
+    pub fn get(&mut self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), RemoteError> {
+        let pages = (buf.len() as u64) / PAGE;
+        if !self.holds(pid, addr, pages) {
+            return Err(RemoteError::NotLazy { pid, addr, pages });
+        }
+        if self.broken || self.closed {
+            return Err(RemoteError::Unavailable {
+                addr: self.addr.clone(),
+                grace: Duration::ZERO,
+                last: "the session already ended".into(),
+            });
+        }
+        let hl = self.layout.len();
+        let mut done = 0u64;
+        while done < pages {
+            let vaddr = addr + done * PAGE;
+            let ask = pages - done;
+            let req = self.layout.encode(&PsIov { cmd: PS_IOV_GET, nr_pages: ask, vaddr, dst_id: pid as u64 });
+            if let Err(e) = self.writer.write_all(&req) {
+                return Err(self.lost(format!("sending GET: {e}")));
+            }
+            let mut h = [0u8; 32];
+            if let Err(e) = self.reader.read_exact(&mut h[..hl]) {
+                return Err(self.lost(format!("reading the reply to GET {vaddr:#x}: {e}")));
+            }
+            let r = self.layout.decode(&h[..hl]);
+            if r.cmd != PS_REPLY || r.vaddr != vaddr || r.dst_id != pid as u64 || r.nr_pages == 0 || r.nr_pages > ask {
+                self.broken = true;
+                return Err(RemoteError::Protocol {
+                    addr: self.addr.clone(),
+                    what: format!(
+                        "GET {ask} pages at {vaddr:#x} of {pid} got header cmd {:#x} nr {} vaddr {:#x} id {}",
+                        r.cmd, r.nr_pages, r.vaddr, r.dst_id
+                    ),
+                });
+            }
+            let from = (done * PAGE) as usize;
+            let to = from + (r.nr_pages * PAGE) as usize;
+            if let Err(e) = self.reader.read_exact(&mut buf[from..to]) {
+                return Err(self.lost(format!("reading {} pages at {vaddr:#x}: {e}", r.nr_pages)));
+            }
+            self.got.insert(pid, vaddr, vaddr + r.nr_pages * PAGE);
+            done += r.nr_pages;
+        }
+        Ok(())
+    }
+
+    /// Lazy pages not fetched yet.
+    pub fn missing_pages(&self) -> u64 {
+        self.total_pages.saturating_sub(self.got.bytes() / PAGE)
+    }
+
+    /// Ends the session with CLOSE if every lazy page arrived (expects the int32 0 reply);
+    /// otherwise returns [`RemoteError::Incomplete`] and sends nothing.
+    pub fn close(&mut self) -> Result<(), RemoteError> {
+        if self.closed {
+            return Ok(());
+        }
+        let missing = self.missing_pages();
+        if missing > 0 {
+            return Err(RemoteError::Incomplete { missing });
+        }
+        self.closed = true;
+        let req = self.layout.encode(&PsIov { cmd: PS_IOV_CLOSE, nr_pages: 0, vaddr: 0, dst_id: 0 });
+        self.writer.write_all(&req).map_err(|e| self.lost(format!("sending CLOSE: {e}")))?;
+        let mut st = [0u8; 4];
+        self.reader.read_exact(&mut st).map_err(|e| self.lost(format!("reading the CLOSE reply: {e}")))?;
+        let status = i32::from_le_bytes(st);
+        // The server waits for us to close first (so that it does not sit in TIME_WAIT).
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        if status != 0 {
+            return Err(RemoteError::Protocol { addr: self.addr.clone(), what: format!("CLOSE answered {status}") });
+        }
+        Ok(())
+    }
+}
+
+/// A [`PageSource`] over a CRIU page server: file index = task index into `pids`, offset =
+/// image address. When the last lazy page has been read, the session is CLOSEd.
+pub struct CriuSource {
+    pids: Vec<i32>,
+    client: Mutex<CriuClient>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl CriuSource {
+    /// Wraps a connected client.
+    pub fn new(client: CriuClient, pids: Vec<i32>) -> Self {
+        Self { pids, client: Mutex::new(client) }
+    }
+
+    /// Pages not fetched yet.
+    pub fn missing_pages(&self) -> u64 {
+        lock(&self.client).missing_pages()
+    }
+}
+
+impl PageSource for CriuSource {
+    fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let pid = *self
+            .pids
+            .get(file as usize)
+            .ok_or(SourceError::Remote(RemoteError::UnknownTask { file }))?;
+        let mut c = lock(&self.client);
+        c.get(pid, offset, buf).map_err(SourceError::Remote)?;
+        if c.missing_pages() == 0 {
+            c.close().map_err(SourceError::Remote)?;
+        }
+        Ok(())
+    }
+}
