@@ -13,6 +13,7 @@ import { POLICIES, UnknownPolicyError } from './policy/builtin.js';
 import { ProfileError } from './policy/profile.js';
 import { summaryText, reportJson } from './report/transfer.js';
 import { runDemo } from './demo.js';
+import { PageServerError, startPageServer } from './remote/page-server.js';
 import { CriuUnavailableError } from './harness/criu.js';
 import { appendFileSync, closeSync, writeFileSync, writeSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -35,6 +36,7 @@ function fail(e: unknown): never {
   if (e instanceof UnknownPolicyError) throw new ReportedError(EXIT.usage, e.message);
   if (e instanceof ProfileError) throw new ReportedError(EXIT.failure, e.message);
   if (e instanceof CriuUnavailableError) throw new ReportedError(EXIT.failure, e.message);
+  if (e instanceof PageServerError) throw new ReportedError(EXIT.failure, e.message);
   if (e instanceof ServeError) {
     const killed = e.killed.length ? ` (killed the restored tree: pids ${e.killed.join(' ')})` : '';
     throw new ReportedError(EXIT.failure, `serve failed [${e.code}]: ${e.message}${killed}`);
@@ -164,6 +166,18 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
       if (!result.ok) throw new ReportedError(EXIT.failure, 'demo failed: the restored workload did not verify (see above)');
     });
 
+  program
+    .command('page-server')
+    .description('Serve the lazy pages of a local CRIU image set to remote lazy-restore daemons (docs/page-server-protocol.md)')
+    .requiredOption('-D, --images-dir <dir>', 'CRIU images directory (a plain criu dump: pages on disk)')
+    .requiredOption('--port <n>', 'TCP port (0: let the kernel choose; the chosen one is printed)', parseIntArg)
+    .option('--address <addr>', 'numeric address to bind', '127.0.0.1')
+    .option('--token-file <file>', 'clients must present the token in this file')
+    .option('--no-lz4', 'never compress bulk chunks (by default clients may ask for lz4)')
+    .action(async (opts: { imagesDir: string; port: number; address: string; tokenFile?: string; lz4: boolean }) => {
+      await pageServerCommand(opts);
+    });
+
   return program;
 }
 
@@ -264,6 +278,34 @@ async function serveCommand(opts: ServeCliOptions, out: (s: string) => void): Pr
     process.off('SIGTERM', onSignal);
     await daemon.close();
   }
+}
+
+async function pageServerCommand(opts: { imagesDir: string; port: number; address: string; tokenFile?: string; lz4: boolean }): Promise<void> {
+  let server;
+  try {
+    server = startPageServer({ ...opts, onLog: (l) => process.stderr.write(`lazy-restore page-server: ${l}\n`) });
+  } catch (e) {
+    fail(e);
+  }
+  process.stderr.write(
+    `lazy-restore page-server: listening on ${server.address}:${server.port}: ${server.plan.tasks.length} tasks, ` +
+      `${server.plan.pages} lazy pages from ${resolve(opts.imagesDir)}${opts.tokenFile ? ', token required' : ''}\n`,
+  );
+  await new Promise<void>((done) => {
+    const stop = () => {
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      done();
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
+  const s = server.stats();
+  server.close();
+  process.stderr.write(
+    `lazy-restore page-server: closed after ${s.connections} connections (${s.refused} refused, ${s.badFrames} malformed): ` +
+      `${s.pagesUrgent} pages on demand, ${s.pagesBulk} streamed, ${s.bytesSent} bytes sent\n`,
+  );
 }
 
 /** Runs the CLI; returns the exit status (never calls process.exit, so tests can drive it). */

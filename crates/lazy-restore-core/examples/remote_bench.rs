@@ -5,6 +5,7 @@
 //! remote_bench net-client ADDR:PORT            # RTT (1-byte ping-pong) and download throughput
 //! remote_bench ps-serve FILE ADDR:PORT         # our page server; FILE = the pages of pid 1 at 0x10000000
 //! remote_bench ps-client ADDR:PORT PAGES       # fault GET latency, bulk throughput raw and lz4
+//! remote_bench ps-all ADDR:PORT [TOKEN]        # stream everything; pages per pid (any server)
 //! ```
 
 use lazy_restore_core::plan::{RangePlan, TaskPlan};
@@ -186,12 +187,39 @@ fn ps_client(addr: &str, pages: u64) {
     }
 }
 
+fn ps_all(addr: &str, token: Option<&String>) {
+    let mut o = ClientOptions::new(addr);
+    o.token = token.map(|t| t.as_bytes().to_vec());
+    o.lz4 = true;
+    let mut b = match BulkClient::connect(o) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("error [{}]: {e}", e.code());
+            std::process::exit(1);
+        }
+    };
+    let id = b.stream(StreamMode::All, vec![]).expect("stream");
+    let mut per: std::collections::BTreeMap<i32, u64> = Default::default();
+    loop {
+        match b.next().expect("next") {
+            BulkEvent::Chunk { run, .. } => *per.entry(run.pid).or_default() += u64::from(run.pages),
+            BulkEvent::End { id: i, .. } if i == id => break,
+            other => println!("{other:?}"),
+        }
+    }
+    for (pid, n) in per {
+        println!("pid {pid}: {n} pages");
+    }
+    println!("wire {:.1}% of raw (lz4 {})", 100.0 * b.wire_bytes as f64 / b.raw_bytes.max(1) as f64, b.compressed());
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     match a.get(1).map(String::as_str) {
         Some("net-server") if a.len() == 3 => net_server(&a[2]),
         Some("net-client") if a.len() == 3 => net_client(&a[2]),
         Some("ps-serve") if a.len() == 4 => ps_serve(&a[2], &a[3]),
+        Some("ps-all") if a.len() == 3 || a.len() == 4 => ps_all(&a[2], a.get(3)),
         Some("ps-client") if a.len() == 4 => ps_client(&a[2], a[3].parse().expect("PAGES")),
         _ => {
             eprintln!("usage: see the header of crates/lazy-restore-core/examples/remote_bench.rs");

@@ -1,0 +1,145 @@
+//! The page server for Node: `startPageServer(config, onLog?)` → a handle with `close()`.
+//! Conversion only; the server is `lazy_restore_core::remote::server`.
+
+use crate::NativeTaskPlan;
+use lazy_restore_core::plan::{RangePlan, TaskPlan};
+use lazy_restore_core::remote::server::{PageServer, ServerConfig};
+use lazy_restore_core::remote::store::PageStore;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi_derive::napi;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// What the page server serves and where it listens.
+#[napi(object)]
+pub struct NativePageServerConfig {
+    /// Numeric address to bind; default 127.0.0.1.
+    pub address: Option<String>,
+    /// 0 = kernel-chosen (read `port` on the handle).
+    pub port: u32,
+    /// Clients must send this token.
+    pub token: Option<String>,
+    /// Offer lz4 for bulk chunks (clients still choose); default true.
+    pub lz4: Option<bool>,
+    /// Per pstree pid, the lazy ranges and where their bytes are (the serve plan).
+    pub tasks: Vec<NativeTaskPlan>,
+    pub files: Vec<String>,
+}
+
+/// Counters of a running page server.
+#[napi(object)]
+pub struct NativePageServerStats {
+    pub connections: i64,
+    pub refused: i64,
+    pub bad_frames: i64,
+    pub pages_urgent: i64,
+    pub pages_bulk: i64,
+    pub bytes_sent: i64,
+}
+
+/// A running page server.
+#[napi]
+pub struct NativePageServer {
+    inner: Mutex<Option<PageServer>>,
+    address: String,
+    port: u32,
+}
+
+fn big(b: &napi::bindgen_prelude::BigInt, what: &str, pid: i32) -> napi::Result<u64> {
+    let (negative, v, lossless) = b.get_u64();
+    if negative || !lossless {
+        return Err(napi::Error::from_reason(format!("task {pid}: range {what} must be a BigInt in 0..2^64")));
+    }
+    Ok(v)
+}
+
+fn num(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Opens the page files and starts listening; throws with the reason (bad plan, bind failure).
+#[napi]
+pub fn start_page_server(
+    config: NativePageServerConfig,
+    on_log: Option<ThreadsafeFunction<String>>,
+) -> napi::Result<NativePageServer> {
+    let mut tasks = Vec::with_capacity(config.tasks.len());
+    for t in &config.tasks {
+        let mut ranges = Vec::with_capacity(t.ranges.len());
+        for r in &t.ranges {
+            ranges.push(RangePlan {
+                start: big(&r.start, "start", t.pid)?,
+                pages: u64::try_from(r.pages)
+                    .map_err(|_| napi::Error::from_reason(format!("task {}: negative page count", t.pid)))?,
+                file: r.file,
+                offset: big(&r.offset, "offset", t.pid)?,
+            });
+        }
+        tasks.push(TaskPlan { pid: t.pid, ranges });
+    }
+    let files: Vec<PathBuf> = config.files.iter().map(PathBuf::from).collect();
+    let store = PageStore::open(tasks, &files).map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    let log: Arc<dyn Fn(&str) + Send + Sync> = match on_log {
+        Some(f) => Arc::new(move |m: &str| {
+            let _ = f.call(Ok(m.to_string()), ThreadsafeFunctionCallMode::NonBlocking);
+        }),
+        None => Arc::new(|_: &str| {}),
+    };
+    let port = u16::try_from(config.port)
+        .map_err(|_| napi::Error::from_reason(format!("port {} is not 0..65535", config.port)))?;
+    let cfg = ServerConfig {
+        address: config.address.unwrap_or_else(|| "127.0.0.1".into()),
+        port,
+        token: config.token.map(String::into_bytes),
+        allow_lz4: config.lz4.unwrap_or(true),
+        log,
+    };
+    let what = format!("{}:{}", cfg.address, port);
+    let server = PageServer::start(cfg, store)
+        .map_err(|e| napi::Error::from_reason(format!("cannot listen on {what}: {e}")))?;
+    let addr = server.local_addr();
+    Ok(NativePageServer {
+        inner: Mutex::new(Some(server)),
+        address: addr.ip().to_string(),
+        port: u32::from(addr.port()),
+    })
+}
+
+#[napi]
+impl NativePageServer {
+    /// The bound address.
+    #[napi(getter)]
+    pub fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// The bound port (the kernel's choice when 0 was asked).
+    #[napi(getter)]
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Counters so far (zeros once closed).
+    #[napi]
+    pub fn stats(&self) -> NativePageServerStats {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let c = g.as_ref().map(PageServer::counters).unwrap_or_default();
+        NativePageServerStats {
+            connections: num(c.connections),
+            refused: num(c.refused),
+            bad_frames: num(c.bad_frames),
+            pages_urgent: num(c.pages_urgent),
+            pages_bulk: num(c.pages_bulk),
+            bytes_sent: num(c.bytes_sent),
+        }
+    }
+
+    /// Stops listening and closes every connection. Idempotent.
+    #[napi]
+    pub fn close(&self) {
+        let s = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut s) = s {
+            s.close();
+        }
+    }
+}
