@@ -1,26 +1,35 @@
 //! The engine: one thread running one epoll loop over the CRIU socket and every task's
-//! userfaultfd. Faults are served first, one page each, straight from the page source; after
-//! the restore-finished word the remaining pages are copied lowest address first, task by task,
-//! one chunk per loop turn, with a zero-timeout poll between chunks so a fault never waits
-//! behind more than one chunk.
+//! userfaultfd, executing a transfer [`Policy`](crate::policy::Policy).
+//!
+//! Faults go first: the faulting page plus the policy's readahead window (clipped to the
+//! faulting page's range and to pages still pending), copied straight from the page source;
+//! a multi-run window is installed with DONTWAKE and woken once. After the restore-finished
+//! word, the policy's prefetch list is installed in order, then the remaining pages in chunks
+//! sized, ordered and spread over tasks as the policy says — either in this loop, one chunk per
+//! turn after draining ready events (CRIU's way), or on a copier thread ([`crate::copier`]), so
+//! a fault never waits for a chunk.
 //!
 //! The caller gets an [`EngineHandle`] (stats, finish-fast, abort, wait) and batched events;
 //! never a callback per fault.
 
+use crate::copier::{self, Copier, CopierHandle, CopyKind, CopyLog, CopyRecord, Job, JobError};
 use crate::error::EngineError;
 use crate::guardian::{GuardianLink, Watch};
 use crate::handoff::{self, Accepted, Handoff, Message};
 use crate::plan::{self, EngineConfig};
+use crate::policy::{
+    BackgroundOrder, ChunkSizer, CopyThread, Policy, ReadaheadWindow, TaskOrder,
+};
 use crate::ranges::{PageSpan, RangeMap, RangeSeed};
-use crate::source::{FileSource, PageSource};
+use crate::source::{FileSource, PageSource, SourceError};
 use crate::sys::{self, Epoll};
 use crate::telemetry::{
-    CpuTime, EngineEvent, LatencyHistogram, Peer, Phase, Report, Snapshot, TaskStats, Timeline,
-    Totals,
+    CpuTime, EngineEvent, FaultTrace, LatencyHistogram, Peer, Phase, Report, Series, Snapshot,
+    TaskStats, Timeline, Totals, TracedFault, FAULT_TRACE_MAX,
 };
 use crate::tree::{self, HostProc};
 use crate::uffd::{CopyError, Event, Uffd, PAGE_SIZE};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -36,6 +45,7 @@ pub type EventSink = Box<dyn FnMut(EngineEvent) + Send>;
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_CONN: u64 = 1;
 const TOKEN_WAKE: u64 = 2;
+const TOKEN_COPIER: u64 = 3;
 const TOKEN_TASK_BASE: u64 = 16;
 
 /// How long to wait before retrying a fault or chunk that got EAGAIN (mm changing).
@@ -70,10 +80,15 @@ impl Engine {
             return Err(EngineError::UnsupportedPageSize { size: page });
         }
         let needed = plan::validate(&config)?;
-        let source = FileSource::open(&config.files).map_err(EngineError::Source)?;
+        config.policy.validate().map_err(EngineError::Policy)?;
+        let mut source = FileSource::open(&config.files).map_err(EngineError::Source)?;
         for (i, &n) in needed.iter().enumerate() {
             source.check_len(i as u32, n).map_err(EngineError::Source)?;
         }
+        if config.map_page_files {
+            source.map_files();
+        }
+        let source: Arc<dyn PageSource + Sync> = Arc::new(source);
         // Before the socket listens: once criu restore can connect, every uffd we receive
         // must get a second holder that outlives this process.
         let guardian = match (&config.guardian, config.kill_on_fatal) {
@@ -96,6 +111,27 @@ impl Engine {
         epoll
             .add(wake_rx.as_fd(), TOKEN_WAKE)
             .map_err(io_err("watching the wake-up pair"))?;
+        let copier = if config.policy.background.thread == CopyThread::Copier {
+            let (poke_tx, poke_rx) =
+                UnixStream::pair().map_err(io_err("creating the copier's wake-up pair"))?;
+            for s in [&poke_tx, &poke_rx] {
+                s.set_nonblocking(true)
+                    .map_err(io_err("setting up the copier's wake-up pair"))?;
+            }
+            epoll
+                .add(poke_rx.as_fd(), TOKEN_COPIER)
+                .map_err(io_err("watching the copier"))?;
+            let c = Copier::start(
+                Arc::clone(&source),
+                poke_tx,
+                copier::COPIER_IOCTL_BYTES,
+                config.copy_log.clone(),
+            )
+            .map_err(io_err("spawning the copier thread"))?;
+            Some((c, poke_rx))
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             abort: Mutex::new(None),
             abort_flag: AtomicBool::new(false),
@@ -106,7 +142,7 @@ impl Engine {
         });
         let mut fault_loop = FaultLoop::new(
             config,
-            Box::new(source),
+            source,
             listener,
             epoll,
             wake_rx,
@@ -114,6 +150,11 @@ impl Engine {
             on_event,
         );
         fault_loop.guardian = guardian;
+        if let Some((c, rx)) = copier {
+            fault_loop.copier_handle = Some(c.handle());
+            fault_loop.copier = Some(c);
+            fault_loop.copier_rx = Some(rx);
+        }
         let guard = EndedGuard(Arc::clone(&shared));
         let thread = std::thread::Builder::new()
             .name("lazy-restore-engine".into())
@@ -281,9 +322,42 @@ struct Task {
     backoff_until: Option<Instant>,
     /// A received task (uffd or zombie) — plan tasks start unreceived.
     received: bool,
+    /// Fault readahead state (adaptive window).
+    readahead: ReadaheadWindow,
+    /// Background chunk size state.
+    chunk: ChunkSizer,
+    /// Where the next background chunk starts looking (round-robin over ranges, near-faults).
+    cursor: u64,
+    /// Prefetch runs still to install, in order (run-time addresses, each inside one range).
+    prefetch: VecDeque<PageSpan>,
+    /// Jobs of this task queued or running in the copier, and their pages not accounted yet.
+    jobs: u32,
+    inflight: u64,
+    /// First-need order (policy `record_faults`).
+    trace: Vec<TracedFault>,
+    trace_truncated: u64,
 }
 
 impl Task {
+    fn new(stats: TaskStats, ranges: RangeMap, policy: &Policy) -> Self {
+        Self {
+            stats,
+            uffd: None,
+            ranges,
+            host: None,
+            backoff_until: None,
+            received: false,
+            readahead: ReadaheadWindow::default(),
+            chunk: ChunkSizer::new(&policy.background),
+            cursor: 0,
+            prefetch: VecDeque::new(),
+            jobs: 0,
+            inflight: 0,
+            trace: Vec::new(),
+            trace_truncated: 0,
+        }
+    }
+
     fn has_background_work(&self, now: Instant) -> bool {
         self.uffd.is_some()
             && self.ranges.pending_pages() > 0
@@ -291,11 +365,75 @@ impl Task {
     }
 }
 
+/// What one [`FaultLoop::install`] did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Installed {
+    /// Pages copied.
+    pages: u64,
+    /// Pages found already present (EEXIST).
+    present: u64,
+    /// Pages whose mapping is gone (ENOENT).
+    dropped: u64,
+    /// Stopped on EAGAIN before the end.
+    again: bool,
+    /// The task exited (ESRCH).
+    gone: bool,
+}
+
 /// A fault whose COPY/ZEROPAGE returned EAGAIN, waiting to be retried.
 struct Retry {
     task: usize,
     page: u64,
     read_at: Instant,
+}
+
+/// What became of the page a caller asked about (the faulting page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Special {
+    /// Not reached (EAGAIN first) or not in this run.
+    Untouched,
+    /// Copied by this call.
+    Installed,
+    /// Already there (EEXIST) or gone (ENOENT): only a wake-up is owed.
+    Present,
+}
+
+/// Most jobs queued or running in the copier (one running, one ready behind it).
+const COPIER_JOBS: u32 = 2;
+
+/// Most runs in one copier job (a chunk over pages that faults left scattered).
+const JOB_MAX_SPANS: usize = 512;
+
+/// Moves queued spans inside run-time `[from, from+len)` to `to` (an mremap), splitting any
+/// that straddle the edge.
+fn remap_spans(q: &mut VecDeque<PageSpan>, from: u64, to: u64, len: u64) {
+    if q.is_empty() || len == 0 {
+        return;
+    }
+    let end = from.saturating_add(len);
+    let mut out = VecDeque::with_capacity(q.len());
+    for s in q.drain(..) {
+        let (lo, hi) = (s.runtime, s.runtime + s.bytes());
+        if hi <= from || lo >= end {
+            out.push_back(s);
+            continue;
+        }
+        let piece = |a: u64, b: u64, moved: bool| PageSpan {
+            runtime: if moved { to + (a - from) } else { a },
+            image: s.image + (a - lo),
+            file: s.file,
+            offset: s.offset + (a - lo),
+            pages: (b - a) / PAGE_SIZE,
+        };
+        if lo < from {
+            out.push_back(piece(lo, from, false));
+        }
+        out.push_back(piece(lo.max(from), hi.min(end), true));
+        if hi > end {
+            out.push_back(piece(end, hi, false));
+        }
+    }
+    *q = out;
 }
 
 /// What happened to one fill attempt.
@@ -307,14 +445,14 @@ enum Fill {
 
 /// The engine loop and all its state. Lives on the engine thread.
 struct FaultLoop {
-    chunk_pages: u64,
+    policy: Policy,
     allowed_uids: Vec<u32>,
     kill_on_fatal: bool,
     progress_interval: Duration,
     plan_index: HashMap<i32, usize>,
     tasks: Vec<Task>,
     children_of: HashMap<i32, u32>,
-    source: Box<dyn PageSource>,
+    source: Arc<dyn PageSource + Sync>,
     epoll: Epoll,
     listener: Option<UnixListener>,
     handoff: Option<Handoff>,
@@ -329,9 +467,26 @@ struct FaultLoop {
     peer: Option<Peer>,
     retries: Vec<Retry>,
     rr: usize,
+    /// pread buffer for a fault's window (unused with mapped page files).
     page_buf: Vec<u8>,
+    /// pread buffer for an in-loop chunk (allocated on first use).
     chunk_buf: Vec<u8>,
+    /// Scratch: the pending runs of a readahead window.
+    runs: Vec<PageSpan>,
     events: Vec<Event>,
+    /// The copier thread (policy `background.thread = copier`) and its wake-up socket.
+    copier: Option<Copier>,
+    copier_handle: Option<CopierHandle>,
+    copier_rx: Option<UnixStream>,
+    /// Jobs queued or running in the copier, all tasks; how many of them are prefetch.
+    jobs: u32,
+    prefetch_jobs: u32,
+    /// Prefetch pages were given (so `prefetch_done_us` will be set).
+    prefetch_planned: bool,
+    series: Series,
+    copy_log: Option<CopyLog>,
+    /// The next snapshot is the report: it carries the fault traces.
+    final_report: bool,
     dirty: bool,
     last_progress: Instant,
     /// The guardian holding a second reference to every uffd (None: no guardian).
@@ -343,14 +498,14 @@ struct FaultLoop {
 impl FaultLoop {
     fn new(
         cfg: EngineConfig,
-        source: Box<dyn PageSource>,
+        source: Arc<dyn PageSource + Sync>,
         listener: UnixListener,
         epoll: Epoll,
         wake: UnixStream,
         shared: Arc<Shared>,
         on_event: EventSink,
     ) -> Self {
-        let chunk_pages = (cfg.chunk_bytes as u64 / PAGE_SIZE).max(1);
+        let policy = cfg.policy;
         let mut plan_index = HashMap::new();
         let tasks: Vec<Task> = cfg
             .tasks
@@ -370,19 +525,13 @@ impl FaultLoop {
                     pages_pending: ranges.pending_pages(),
                     ..Default::default()
                 };
-                Task {
-                    stats,
-                    uffd: None,
-                    ranges,
-                    host: None,
-                    backoff_until: None,
-                    received: false,
-                }
+                Task::new(stats, ranges, &policy)
             })
             .collect();
         let now = Instant::now();
+        let window_pages = u64::from(policy.readahead.max_pages.max(1));
+        let prefetch_planned = policy.prefetch.iter().any(|p| !p.ranges.is_empty());
         Self {
-            chunk_pages,
             allowed_uids: cfg.allowed_uids,
             kill_on_fatal: cfg.kill_on_fatal,
             progress_interval: cfg.progress_interval,
@@ -404,13 +553,24 @@ impl FaultLoop {
             peer: None,
             retries: Vec::new(),
             rr: 0,
-            page_buf: vec![0; PAGE_SIZE as usize],
-            chunk_buf: vec![0; (chunk_pages * PAGE_SIZE) as usize],
+            page_buf: vec![0; (window_pages * PAGE_SIZE) as usize],
+            chunk_buf: Vec::new(),
+            runs: Vec::new(),
             events: Vec::new(),
             dirty: false,
             last_progress: now,
             guardian: None,
             guardian_lost: false,
+            copier: None,
+            copier_handle: None,
+            copier_rx: None,
+            jobs: 0,
+            prefetch_jobs: 0,
+            prefetch_planned,
+            series: Series::default(),
+            copy_log: cfg.copy_log,
+            final_report: false,
+            policy,
         }
     }
 
@@ -429,7 +589,11 @@ impl FaultLoop {
                 message: panic_message(p.as_ref()),
             })
         });
-        let result = match result {
+        // The copier stops after its current piece; whatever it finished is accounted for.
+        if let Some(mut c) = self.copier.take() {
+            c.stop();
+        }
+        let result = match result.and_then(|()| self.on_copier()) {
             Ok(()) => {
                 self.timeline.done_us = Some(self.us());
                 Ok(())
@@ -451,6 +615,9 @@ impl FaultLoop {
             t.uffd = None;
         }
         // One last cumulative progress event, and the snapshot the report is made of.
+        let (at_us, bytes) = (self.us(), self.bytes_installed());
+        self.series.sample(at_us, bytes, true);
+        self.final_report = true;
         self.progress();
         let snap = lock(&self.shared.snapshot).clone();
         let at_us = self.us();
@@ -489,11 +656,12 @@ impl FaultLoop {
         }
     }
 
-    /// True while a live task still has pages we never filled.
+    /// True while a live task still has pages we never filled (pending, or handed to the
+    /// copier and not reported done).
     fn outstanding(&self) -> bool {
         self.tasks
             .iter()
-            .any(|t| t.uffd.is_some() && t.ranges.pending_pages() > 0)
+            .any(|t| t.uffd.is_some() && (t.ranges.pending_pages() > 0 || t.jobs > 0))
     }
 
     // ---- guardian ------------------------------------------------------------------------
@@ -558,33 +726,52 @@ impl FaultLoop {
                     what: "waiting in epoll",
                     source,
                 })?;
+            // Whatever was flat while we slept ends here, before anything changes.
+            let (at_us, bytes) = (self.us(), self.bytes_installed());
+            self.series.mark_flat_until(at_us, bytes);
             for &token in &ready {
                 match token {
                     TOKEN_LISTENER => self.on_listener()?,
                     TOKEN_CONN => self.on_conn()?,
                     TOKEN_WAKE => self.drain_wake(),
+                    TOKEN_COPIER => self.on_copier()?,
                     t => self.on_uffd((t - TOKEN_TASK_BASE) as usize)?,
                 }
             }
             self.retry_faults()?;
             if self.phase == Phase::Background {
-                self.background_step()?;
+                if self.copier_handle.is_some() {
+                    self.feed_copier();
+                } else {
+                    self.background_step()?;
+                }
+                self.check_prefetch_done();
             }
             self.check_done();
             if self.phase == Phase::Background
+                && self.jobs == 0
                 && self.tasks.iter().all(|t| t.ranges.pending_pages() == 0)
             {
                 return Ok(());
             }
+            let (at_us, bytes) = (self.us(), self.bytes_installed());
+            self.series.sample(at_us, bytes, false);
             if self.dirty && self.last_progress.elapsed() >= self.progress_interval {
                 self.progress();
             }
         }
     }
 
+    /// Bytes installed so far, all tasks.
+    fn bytes_installed(&self) -> u64 {
+        self.tasks.iter().map(|t| t.stats.bytes_copied).sum()
+    }
+
     fn timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        if self.phase == Phase::Background && self.tasks.iter().any(|t| t.has_background_work(now))
+        if self.phase == Phase::Background
+            && self.copier_handle.is_none()
+            && self.tasks.iter().any(|t| t.has_background_work(now))
         {
             return Some(Duration::ZERO);
         }
@@ -735,6 +922,7 @@ impl FaultLoop {
             }
             Message::Finished => {
                 self.timeline.finished_us = Some(at_us);
+                self.build_prefetch();
                 self.set_phase(Phase::Background);
                 return Ok(());
             }
@@ -764,15 +952,34 @@ impl FaultLoop {
 
     // ---- uffd events ---------------------------------------------------------------------
 
+    /// The copier's handle when task `idx` has a job queued or running: its userfaultfd must
+    /// then be read under the copier's lock (see [`crate::copier`]).
+    fn held_copier(&self, idx: usize) -> Option<CopierHandle> {
+        self.copier_handle
+            .as_ref()
+            .filter(|_| self.tasks.get(idx).is_some_and(|t| t.jobs > 0))
+            .cloned()
+    }
+
     fn on_uffd(&mut self, idx: usize) -> Result<(), EngineError> {
         let mut events = std::mem::take(&mut self.events);
-        let result = self.drain_uffd(idx, &mut events);
+        let handle = self.held_copier(idx);
+        let mut hold = handle.as_ref().map(CopierHandle::hold);
+        let result = self.drain_uffd(idx, &mut events, hold.as_deref_mut());
+        drop(hold);
         events.clear();
         self.events = events;
         result
     }
 
-    fn drain_uffd(&mut self, idx: usize, events: &mut Vec<Event>) -> Result<(), EngineError> {
+    fn drain_uffd(
+        &mut self,
+        idx: usize,
+        events: &mut Vec<Event>,
+        mut slot: Option<&mut copier::Slot>,
+    ) -> Result<(), EngineError> {
+        // With the copier, background never waits for this loop: always drain.
+        let drain_all = self.policy.background.drain_before_chunk || self.copier_handle.is_some();
         loop {
             let Some(uffd) = self.tasks.get_mut(idx).and_then(|t| t.uffd.as_mut()) else {
                 return Ok(());
@@ -795,12 +1002,32 @@ impl FaultLoop {
             let read_at = Instant::now();
             self.dirty = true;
             for ev in events.drain(..) {
-                self.handle_event(idx, ev, read_at)?;
+                self.handle_event(idx, ev, read_at, slot.as_deref_mut())?;
+            }
+            if !drain_all {
+                return Ok(());
             }
         }
     }
 
-    fn handle_event(&mut self, idx: usize, ev: Event, read_at: Instant) -> Result<(), EngineError> {
+    /// Drops copier pages of task `idx` in run-time `[start, end)` (the task dropped them).
+    fn cut_dropped(&mut self, idx: usize, slot: Option<&mut copier::Slot>, start: u64, end: u64) {
+        let Some(slot) = slot else {
+            return;
+        };
+        let pages: u64 = slot.cut(idx, start, end).iter().map(|s| s.pages).sum();
+        let t = &mut self.tasks[idx];
+        t.inflight -= pages;
+        t.stats.pages_dropped += pages;
+    }
+
+    fn handle_event(
+        &mut self,
+        idx: usize,
+        ev: Event,
+        read_at: Instant,
+        mut slot: Option<&mut copier::Slot>,
+    ) -> Result<(), EngineError> {
         if self.tasks[idx].uffd.is_none() {
             // The task exited while this batch was being handled; a FORK fd still needs closing,
             // which dropping `ev` does.
@@ -812,21 +1039,35 @@ impl FaultLoop {
                 let s = &mut self.tasks[idx].stats;
                 s.faults += 1;
                 s.first_fault_us.get_or_insert(at);
-                self.serve_fault(idx, addr & !(PAGE_SIZE - 1), read_at)
+                self.serve_fault(idx, addr & !(PAGE_SIZE - 1), read_at, slot)
             }
             Event::Fork { child } => {
-                self.on_fork(idx, child);
+                self.on_fork(idx, child, slot);
                 Ok(())
             }
             Event::Remap { from, to, len } => {
                 let t = &mut self.tasks[idx];
                 t.stats.pages_dropped += t.ranges.remap(from, to, len);
+                remap_spans(&mut t.prefetch, from, to, len);
+                // Copier pages: those at the destination were replaced; those moved must be
+                // copied at their new place (a piece copied before the move moved with it and
+                // then reads EEXIST: counted present).
+                self.cut_dropped(idx, slot.as_deref_mut(), to, to.saturating_add(len));
+                if let Some(slot) = slot {
+                    let t = &mut self.tasks[idx];
+                    for mut piece in slot.cut(idx, from, from.saturating_add(len)) {
+                        t.inflight -= piece.pages;
+                        piece.runtime = to + (piece.runtime - from);
+                        t.ranges.insert_pending(piece);
+                    }
+                }
                 // A queued retry of a moved page now finds nothing pending at its old address:
                 // the ZEROPAGE there fails with ENOENT and wakes the waiting thread, which
                 // faults again wherever the page lives now.
                 Ok(())
             }
             Event::Remove { start, end } => {
+                self.cut_dropped(idx, slot, start, end);
                 let t = &mut self.tasks[idx];
                 t.stats.pages_dropped += t.ranges.clear(start, end);
                 let res = t
@@ -847,6 +1088,7 @@ impl FaultLoop {
                 Ok(())
             }
             Event::Unmap { start, end } => {
+                self.cut_dropped(idx, slot, start, end);
                 let t = &mut self.tasks[idx];
                 t.stats.pages_dropped += t.ranges.clear(start, end);
                 Ok(())
@@ -860,7 +1102,12 @@ impl FaultLoop {
         }
     }
 
-    fn on_fork(&mut self, parent: usize, child: Option<std::os::fd::OwnedFd>) {
+    fn on_fork(
+        &mut self,
+        parent: usize,
+        child: Option<std::os::fd::OwnedFd>,
+        slot: Option<&mut copier::Slot>,
+    ) {
         let at_us = self.us();
         let (image_pid, parent_index) = (
             self.tasks[parent].stats.image_pid,
@@ -897,7 +1144,14 @@ impl FaultLoop {
             peer_pid: self.peer.map(|p| p.pid),
         };
         self.guard(watch, uffd.as_fd());
-        let ranges = self.tasks[parent].ranges.clone();
+        // What the parent still misses, plus what the copier had not finished for it (as CRIU
+        // re-requests in-flight ranges for a child).
+        let mut ranges = self.tasks[parent].ranges.clone();
+        if let Some(slot) = slot {
+            for s in slot.spans_of(parent) {
+                ranges.insert_pending(s);
+            }
+        }
         let stats = TaskStats {
             image_pid,
             child_index,
@@ -905,14 +1159,10 @@ impl FaultLoop {
             pages_pending: ranges.pending_pages(),
             ..Default::default()
         };
-        self.tasks.push(Task {
-            stats,
-            uffd: Some(uffd),
-            ranges,
-            host: None,
-            backoff_until: None,
-            received: true,
-        });
+        let mut task = Task::new(stats, ranges, &self.policy);
+        task.uffd = Some(uffd);
+        task.received = true;
+        self.tasks.push(task);
         self.emit(EngineEvent::TaskForked {
             at_us,
             image_pid,
@@ -928,6 +1178,7 @@ impl FaultLoop {
         }
         t.stats.exited = true;
         t.stats.pages_orphaned += t.ranges.clear_all();
+        t.prefetch.clear();
         self.retries.retain(|r| r.task != idx);
         self.dirty = true;
     }
@@ -943,11 +1194,39 @@ impl FaultLoop {
         }
     }
 
-    /// Resolves one fault on `page` (page aligned): COPY if pending, else ZEROPAGE.
-    fn serve_fault(&mut self, idx: usize, page: u64, read_at: Instant) -> Result<(), EngineError> {
-        let outcome = match self.tasks[idx].ranges.pending_page(page) {
-            Some(span) => self.copy_fault(idx, span)?,
-            None => self.zero_fault(idx, page)?,
+    fn record_fault(&mut self, idx: usize, image: u64) {
+        if !self.policy.record_faults {
+            return;
+        }
+        let at_us = self.us();
+        let t = &mut self.tasks[idx];
+        if t.trace.len() < FAULT_TRACE_MAX {
+            t.trace.push(TracedFault { addr: image, at_us });
+        } else {
+            t.trace_truncated += 1;
+        }
+    }
+
+    /// Resolves one fault on `page` (page aligned): COPY (with the readahead window) if
+    /// pending; COPY of that page if the copier has it queued; else ZEROPAGE.
+    fn serve_fault(
+        &mut self,
+        idx: usize,
+        page: u64,
+        read_at: Instant,
+        slot: Option<&mut copier::Slot>,
+    ) -> Result<(), EngineError> {
+        let outcome = if let Some(span) = self.tasks[idx].ranges.pending_page(page) {
+            self.copy_fault(idx, span)?
+        } else if let Some(span) =
+            slot.and_then(|s| s.cut(idx, page, page + PAGE_SIZE).into_iter().next())
+        {
+            // The copier has not reached it: the fault does not wait, it takes the page.
+            self.tasks[idx].inflight -= 1;
+            self.tasks[idx].ranges.insert_pending(span);
+            self.copy_fault(idx, span)?
+        } else {
+            self.zero_fault(idx, page)?
         };
         match outcome {
             Fill::Done => self.note_served(read_at),
@@ -983,48 +1262,215 @@ impl FaultLoop {
         }
     }
 
-    fn copy_fault(&mut self, idx: usize, span: PageSpan) -> Result<Fill, EngineError> {
-        let pid = self.tasks[idx].stats.image_pid;
-        self.source
-            .read(span.file, span.offset, &mut self.page_buf)
-            .map_err(|source| EngineError::PageRead {
-                pid,
-                image_addr: span.image,
-                source,
-            })?;
-        let t = &mut self.tasks[idx];
-        let Some(uffd) = t.uffd.as_ref() else {
-            return Ok(Fill::Gone);
-        };
-        match uffd.copy(span.runtime, &self.page_buf, false) {
-            Ok(n) if n as u64 >= PAGE_SIZE => {
-                t.ranges.clear(span.runtime, span.runtime + PAGE_SIZE);
-                t.stats.pages_fault += 1;
-                t.stats.bytes_copied += PAGE_SIZE;
-                Ok(Fill::Done)
-            }
-            Ok(_) | Err(CopyError::Again) => Ok(Fill::Again),
-            Err(CopyError::Exists) => {
-                // Already there (a raced copy): wake whoever waits and call the page done.
-                let woke = uffd.wake(span.runtime, PAGE_SIZE);
-                t.stats.pages_present += t.ranges.clear(span.runtime, span.runtime + PAGE_SIZE);
-                match woke {
-                    Err(CopyError::Gone) => Ok(Fill::Gone),
-                    _ => Ok(Fill::Done),
-                }
-            }
-            Err(CopyError::Gone) => Ok(Fill::Gone),
-            Err(CopyError::NoMapping) => {
-                // The mapping went away under us (its UNMAP or REMAP event is on the way); let
-                // a waiting thread fault again on whatever is there now.
-                t.stats.pages_dropped += t.ranges.clear(span.runtime, span.runtime + PAGE_SIZE);
-                match uffd.wake(span.runtime, PAGE_SIZE) {
-                    Err(CopyError::Gone) => Ok(Fill::Gone),
-                    _ => Ok(Fill::Done),
-                }
-            }
-            Err(e) => Err(self.uffd_error(idx, "UFFDIO_COPY", span.runtime, PAGE_SIZE, e)),
+    fn page_read_error(&self, idx: usize, image_addr: u64, source: SourceError) -> EngineError {
+        EngineError::PageRead {
+            pid: self.tasks[idx].stats.image_pid,
+            image_addr,
+            source,
         }
+    }
+
+    /// Copies the pending run `run` of task `idx` (one range, contiguous in the file) with as
+    /// few UFFDIO_COPYs as it takes, clearing what it filled (or found present, or found
+    /// unmapped) from the pending set. `special`: a page whose fate the caller needs (the
+    /// faulting page) — reported in the result.
+    fn install(
+        &mut self,
+        idx: usize,
+        run: PageSpan,
+        dontwake: bool,
+        kind: CopyKind,
+        special: Option<u64>,
+    ) -> Result<(Installed, Special), EngineError> {
+        let mut out = Installed::default();
+        let mut fate = Special::Untouched;
+        let bytes = run.bytes();
+        let mapped = self.source.mapped(run.file, run.offset, bytes);
+        let in_window = matches!(kind, CopyKind::Fault | CopyKind::Readahead);
+        if mapped.is_none() {
+            let buf = if in_window && bytes as usize <= self.page_buf.len() {
+                &mut self.page_buf
+            } else {
+                if self.chunk_buf.len() < bytes as usize {
+                    self.chunk_buf.resize(bytes as usize, 0);
+                }
+                &mut self.chunk_buf
+            };
+            if let Err(e) = self.source.read(run.file, run.offset, &mut buf[..bytes as usize]) {
+                return Err(self.page_read_error(idx, run.image, e));
+            }
+        }
+        let mut done = 0u64;
+        while done < run.pages {
+            let dst = run.runtime + done * PAGE_SIZE;
+            let end = run.runtime + bytes;
+            let len = end - dst;
+            let t = &mut self.tasks[idx];
+            let Some(uffd) = t.uffd.as_ref() else {
+                out.gone = true;
+                break;
+            };
+            let result = match mapped {
+                Some(addr) => uffd.copy_from(dst, addr + done * PAGE_SIZE, len, dontwake),
+                None => {
+                    let buf = if in_window && bytes as usize <= self.page_buf.len() {
+                        &self.page_buf
+                    } else {
+                        &self.chunk_buf
+                    };
+                    uffd.copy(dst, &buf[(done * PAGE_SIZE) as usize..bytes as usize], dontwake)
+                }
+            };
+            match result {
+                Ok(n) => {
+                    let n = n as u64 / PAGE_SIZE;
+                    if n == 0 {
+                        out.again = true;
+                        break;
+                    }
+                    if mapped.is_some() {
+                        let off = run.offset + done * PAGE_SIZE;
+                        if let Err(e) = self.source.check_mapped(run.file, off, n * PAGE_SIZE) {
+                            return Err(self.page_read_error(idx, run.image + done * PAGE_SIZE, e));
+                        }
+                    }
+                    let t = &mut self.tasks[idx];
+                    t.ranges.clear(dst, dst + n * PAGE_SIZE);
+                    out.pages += n;
+                    if special.is_some_and(|p| p >= dst && p < dst + n * PAGE_SIZE) {
+                        fate = Special::Installed;
+                    }
+                    copier::log(
+                        &self.copy_log,
+                        CopyRecord {
+                            task: idx,
+                            kind,
+                            runtime: dst,
+                            pages: n,
+                        },
+                    );
+                    done += n;
+                }
+                Err(CopyError::Exists) => {
+                    out.present += t.ranges.clear(dst, dst + PAGE_SIZE);
+                    if special == Some(dst) {
+                        fate = Special::Present;
+                    }
+                    done += 1;
+                }
+                Err(CopyError::Again) => {
+                    out.again = true;
+                    break;
+                }
+                Err(CopyError::Gone) => {
+                    out.gone = true;
+                    break;
+                }
+                Err(CopyError::NoMapping) => {
+                    // Nothing registered there any more: nobody can ever read these pages.
+                    out.dropped += t.ranges.clear(dst, end);
+                    if special.is_some_and(|p| p >= dst && p < end) {
+                        fate = Special::Present;
+                    }
+                    break;
+                }
+                Err(CopyError::Fault) if mapped.is_some() => {
+                    let off = run.offset + done * PAGE_SIZE;
+                    if let Err(e) = self.source.check_mapped(run.file, off, len) {
+                        return Err(self.page_read_error(idx, run.image + done * PAGE_SIZE, e));
+                    }
+                    return Err(self.uffd_error(idx, "UFFDIO_COPY", dst, len, CopyError::Fault));
+                }
+                Err(e) => return Err(self.uffd_error(idx, "UFFDIO_COPY", dst, len, e)),
+            }
+        }
+        // Counters, by what installed the pages.
+        let t = &mut self.tasks[idx];
+        let s = &mut t.stats;
+        s.bytes_copied += out.pages * PAGE_SIZE;
+        s.pages_present += out.present;
+        s.pages_dropped += out.dropped;
+        let faulting = u64::from(fate == Special::Installed);
+        match kind {
+            CopyKind::Fault | CopyKind::Readahead => {
+                s.pages_fault += faulting;
+                s.pages_readahead += out.pages - faulting;
+            }
+            CopyKind::Prefetch => s.pages_prefetch += out.pages,
+            CopyKind::Background => s.pages_background += out.pages,
+        }
+        Ok((out, fate))
+    }
+
+    /// A fault on pending page `span`: the page and its readahead window, one wake-up.
+    fn copy_fault(&mut self, idx: usize, span: PageSpan) -> Result<Fill, EngineError> {
+        let ra = self.policy.readahead;
+        let near = self.policy.background.order == BackgroundOrder::NearFaults;
+        let mut runs = std::mem::take(&mut self.runs);
+        let t = &mut self.tasks[idx];
+        t.chunk.on_fault();
+        let win = t.readahead.on_fault(&ra, span.runtime / PAGE_SIZE);
+        if win.pages <= 1 {
+            runs.clear();
+            runs.push(span);
+        } else {
+            let (ws, we) = (win.start * PAGE_SIZE, win.end() * PAGE_SIZE);
+            t.ranges.pending_runs_in(span.runtime, ws, we, &mut runs);
+        }
+        if near {
+            t.cursor = runs
+                .last()
+                .map_or(span.runtime + PAGE_SIZE, |r| r.runtime + r.bytes());
+        }
+        // One run: one COPY, which wakes its range. Several: DONTWAKE each, one WAKE after.
+        let several = runs.len() > 1;
+        let (mut lo, mut hi) = (span.runtime, span.runtime + PAGE_SIZE);
+        let (mut fate, mut again, mut gone) = (Special::Untouched, false, false);
+        let mut result = Ok(());
+        for run in runs.iter().copied() {
+            let holds = run.runtime <= span.runtime && span.runtime < run.runtime + run.bytes();
+            let kind = if holds { CopyKind::Fault } else { CopyKind::Readahead };
+            match self.install(idx, run, several, kind, holds.then_some(span.runtime)) {
+                Ok((inst, f)) => {
+                    if holds {
+                        fate = f;
+                        again |= inst.again;
+                    }
+                    lo = lo.min(run.runtime);
+                    hi = hi.max(run.runtime + run.bytes());
+                    if inst.gone {
+                        gone = true;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.runs = runs;
+        result?;
+        if gone {
+            return Ok(Fill::Gone);
+        }
+        if fate == Special::Installed {
+            self.record_fault(idx, span.image);
+        }
+        // The faulting page's own COPY woke it unless it was DONTWAKE or not ours to copy.
+        if several || fate != Special::Installed {
+            let woke = self.tasks[idx]
+                .uffd
+                .as_ref()
+                .map(|u| u.wake(lo, hi - lo));
+            if let Some(Err(CopyError::Gone)) = woke {
+                return Ok(Fill::Gone);
+            }
+        }
+        if fate == Special::Untouched && again {
+            return Ok(Fill::Again);
+        }
+        Ok(Fill::Done)
     }
 
     fn zero_fault(&mut self, idx: usize, page: u64) -> Result<Fill, EngineError> {
@@ -1055,79 +1501,244 @@ impl FaultLoop {
         }
         for r in std::mem::take(&mut self.retries) {
             if self.tasks[r.task].uffd.is_some() {
-                self.serve_fault(r.task, r.page, r.read_at)?;
+                let handle = self.held_copier(r.task);
+                let mut hold = handle.as_ref().map(CopierHandle::hold);
+                self.serve_fault(r.task, r.page, r.read_at, hold.as_deref_mut())?;
             }
         }
         Ok(())
     }
 
-    // ---- background ----------------------------------------------------------------------
+    // ---- prefetch and background ---------------------------------------------------------
 
-    /// Copies one chunk for the next task (round robin) that has background work.
-    fn background_step(&mut self) -> Result<(), EngineError> {
+    /// Turns the policy's prefetch lists (image addresses, per pstree pid) into per-task runs
+    /// at run-time addresses, each inside one range, in the given order.
+    fn build_prefetch(&mut self) {
+        let plans = std::mem::take(&mut self.policy.prefetch);
+        let mut out = Vec::new();
+        for p in &plans {
+            let Some(&idx) = self.plan_index.get(&p.pid) else {
+                continue;
+            };
+            let t = &mut self.tasks[idx];
+            for r in &p.ranges {
+                t.ranges.image_runs(r.start, r.pages, &mut out);
+                t.prefetch.extend(out.drain(..));
+            }
+        }
+    }
+
+    fn check_prefetch_done(&mut self) {
+        if !self.prefetch_planned
+            || self.timeline.prefetch_done_us.is_some()
+            || self.prefetch_jobs > 0
+        {
+            return;
+        }
+        // Drop leading entries with nothing pending (they are dropped lazily otherwise).
+        for t in &mut self.tasks {
+            while let Some(front) = t.prefetch.front().copied() {
+                let mut runs = Vec::new();
+                let end = front.runtime + front.bytes();
+                t.ranges.pending_runs_in(front.runtime, front.runtime, end, &mut runs);
+                if !runs.is_empty() && t.uffd.is_some() {
+                    break;
+                }
+                t.prefetch.pop_front();
+            }
+        }
+        if self.tasks.iter().all(|t| t.prefetch.is_empty()) {
+            self.timeline.prefetch_done_us = Some(self.us());
+            self.dirty = true;
+        }
+    }
+
+    /// The next pages to copy outside fault service: the first pending run of the prefetch
+    /// lists (tasks in list order), else a background chunk chosen by the policy.
+    fn next_work(&mut self) -> Option<(usize, PageSpan, CopyKind)> {
+        let max_pages = (self.policy.background.max_chunk_bytes / PAGE_SIZE).max(1);
+        for idx in 0..self.tasks.len() {
+            if let Some(span) = self.take_prefetch(idx, max_pages) {
+                return Some((idx, span, CopyKind::Prefetch));
+            }
+        }
         let now = Instant::now();
         let n = self.tasks.len();
-        let Some(idx) = (0..n)
-            .map(|k| (self.rr + k) % n)
-            .find(|&i| self.tasks[i].has_background_work(now))
-        else {
-            return Ok(());
-        };
+        let idx = match self.policy.background.tasks {
+            TaskOrder::OneAfterAnother => (0..n).find(|&i| self.tasks[i].has_background_work(now)),
+            TaskOrder::Interleaved => (0..n)
+                .map(|k| (self.rr + k) % n)
+                .find(|&i| self.tasks[i].has_background_work(now)),
+        }?;
         self.rr = (idx + 1) % n;
         self.tasks[idx].backoff_until = None;
-        let Some(span) = self.tasks[idx].ranges.next_chunk(self.chunk_pages) else {
+        let span = self.take_background(idx, None)?;
+        Some((idx, span, CopyKind::Background))
+    }
+
+    /// The first pending run (at most `max_pages`) of task `idx`'s prefetch list.
+    fn take_prefetch(&mut self, idx: usize, max_pages: u64) -> Option<PageSpan> {
+        let mut runs = std::mem::take(&mut self.runs);
+        let t = &mut self.tasks[idx];
+        let mut found = None;
+        if t.has_background_work(Instant::now()) {
+            while let Some(front) = t.prefetch.front_mut() {
+                let end = front.runtime + front.bytes();
+                t.ranges.pending_runs_in(front.runtime, front.runtime, end, &mut runs);
+                let Some(first) = runs.first().copied() else {
+                    t.prefetch.pop_front();
+                    continue;
+                };
+                // Skip what is no longer pending at the front of the entry.
+                let skip = (first.runtime - front.runtime) / PAGE_SIZE;
+                front.runtime = first.runtime;
+                front.image += skip * PAGE_SIZE;
+                front.offset += skip * PAGE_SIZE;
+                front.pages -= skip;
+                let mut chunk = first;
+                chunk.pages = chunk.pages.min(max_pages.max(1));
+                found = Some(chunk);
+                break;
+            }
+        }
+        self.runs = runs;
+        found
+    }
+
+    /// Task `idx`'s next background chunk, in the policy's order: the chunk sizer's size
+    /// (which then grows), or at most `limit` pages without touching the sizer.
+    fn take_background(&mut self, idx: usize, limit: Option<u64>) -> Option<PageSpan> {
+        let order = self.policy.background.order;
+        let t = &mut self.tasks[idx];
+        let pages = limit.unwrap_or_else(|| t.chunk.peek()).max(1);
+        let span = match order {
+            BackgroundOrder::LowestAddress => t.ranges.next_chunk(pages),
+            BackgroundOrder::RoundRobin | BackgroundOrder::NearFaults => {
+                t.ranges.next_chunk_from(t.cursor, pages)
+            }
+        }?;
+        if limit.is_none() {
+            t.chunk.take();
+        }
+        t.cursor = match order {
+            BackgroundOrder::RoundRobin => t.ranges.next_range_start(span.runtime).unwrap_or(0),
+            _ => span.runtime + span.bytes(),
+        };
+        Some(span)
+    }
+
+    /// In-loop copying (policy `thread = loop`): one prefetch or background chunk.
+    fn background_step(&mut self) -> Result<(), EngineError> {
+        let Some((idx, span, kind)) = self.next_work() else {
             return Ok(());
         };
-        let bytes = span.bytes() as usize;
-        let pid = self.tasks[idx].stats.image_pid;
-        self.source
-            .read(span.file, span.offset, &mut self.chunk_buf[..bytes])
-            .map_err(|source| EngineError::PageRead {
-                pid,
-                image_addr: span.image,
-                source,
-            })?;
         self.dirty = true;
-        let mut done = 0usize;
-        while done < bytes {
+        let (inst, _) = self.install(idx, span, false, kind, None)?;
+        if inst.gone {
+            self.task_exited(idx);
+        } else if inst.again {
             let t = &mut self.tasks[idx];
-            let Some(uffd) = t.uffd.as_ref() else {
-                return Ok(());
+            t.stats.eagain_retries += 1;
+            t.backoff_until = Some(Instant::now() + EAGAIN_BACKOFF);
+        }
+        Ok(())
+    }
+
+    /// Copier thread (policy `thread = copier`): keeps two jobs queued or running.
+    fn feed_copier(&mut self) {
+        let Some(handle) = self.copier_handle.clone() else {
+            return;
+        };
+        while self.jobs < COPIER_JOBS {
+            let Some((idx, span, kind)) = self.next_work() else {
+                return;
             };
-            let dst = span.runtime + done as u64;
-            match uffd.copy(dst, &self.chunk_buf[done..bytes], false) {
-                Ok(n) => {
-                    let n = n - n % PAGE_SIZE as usize;
-                    if n == 0 {
-                        t.backoff_until = Some(Instant::now() + EAGAIN_BACKOFF);
-                        return Ok(());
-                    }
-                    t.ranges.clear(dst, dst + n as u64);
-                    t.stats.pages_background += n as u64 / PAGE_SIZE;
-                    t.stats.bytes_copied += n as u64;
-                    done += n;
+            let Some(fd) = self.tasks[idx].uffd.as_ref().map(Uffd::shared_fd) else {
+                return;
+            };
+            // A job is a whole chunk even where the pending pages are scattered (faults
+            // left holes): one hand-over per chunk, not per run.
+            let target = match kind {
+                CopyKind::Prefetch => self.policy.background.max_chunk_bytes / PAGE_SIZE,
+                _ => span.pages.max(self.tasks[idx].chunk.peek()),
+            };
+            let mut spans = VecDeque::new();
+            let mut next = Some(span);
+            let mut total = 0;
+            while let Some(span) = next {
+                // Handed over: no longer pending here, so faults and chunks skip it.
+                self.tasks[idx]
+                    .ranges
+                    .clear(span.runtime, span.runtime + span.bytes());
+                total += span.pages;
+                spans.push_back(span);
+                if total >= target || spans.len() >= JOB_MAX_SPANS {
+                    break;
                 }
-                Err(CopyError::Exists) => {
-                    t.stats.pages_present += t.ranges.clear(dst, dst + PAGE_SIZE);
-                    done += PAGE_SIZE as usize;
+                next = match kind {
+                    CopyKind::Prefetch => self.take_prefetch(idx, target - total),
+                    _ => self.take_background(idx, Some(target - total)),
+                };
+            }
+            let t = &mut self.tasks[idx];
+            t.inflight += total;
+            t.jobs += 1;
+            self.jobs += 1;
+            if kind == CopyKind::Prefetch {
+                self.prefetch_jobs += 1;
+            }
+            self.dirty = true;
+            handle.submit(Job::new(idx, kind, fd, spans));
+        }
+    }
+
+    /// Accounts for jobs the copier finished.
+    fn on_copier(&mut self) -> Result<(), EngineError> {
+        if let Some(rx) = &self.copier_rx {
+            let mut buf = [0u8; 64];
+            while matches!((&*rx).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        let Some(handle) = self.copier_handle.clone() else {
+            return Ok(());
+        };
+        for job in handle.take_done() {
+            let idx = job.task;
+            self.jobs -= 1;
+            if job.kind == CopyKind::Prefetch {
+                self.prefetch_jobs -= 1;
+            }
+            self.dirty = true;
+            let rest = job.remaining();
+            let t = &mut self.tasks[idx];
+            t.jobs -= 1;
+            t.inflight -= job.installed + job.exists + job.dropped + rest;
+            let s = &mut t.stats;
+            match job.kind {
+                CopyKind::Prefetch => s.pages_prefetch += job.installed,
+                _ => s.pages_background += job.installed,
+            }
+            s.bytes_copied += job.installed * PAGE_SIZE;
+            s.pages_present += job.exists;
+            s.pages_dropped += job.dropped;
+            s.eagain_retries += job.eagain;
+            if !job.gone {
+                // Not copied (an error stopped the job): still missing, so still outstanding.
+                for s in &job.spans {
+                    t.ranges.insert_pending(*s);
                 }
-                Err(CopyError::Again) => {
-                    t.stats.eagain_retries += 1;
-                    t.backoff_until = Some(Instant::now() + EAGAIN_BACKOFF);
-                    return Ok(());
+            }
+            match job.error {
+                Some(JobError::Source { image_addr, source }) => {
+                    return Err(self.page_read_error(idx, image_addr, source));
                 }
-                Err(CopyError::Gone) => {
-                    self.task_exited(idx);
-                    return Ok(());
+                Some(JobError::Uffd { addr, len, source }) => {
+                    return Err(self.uffd_error(idx, "UFFDIO_COPY", addr, len, source));
                 }
-                Err(CopyError::NoMapping) => {
-                    // Nothing registered there any more: nobody can ever read these pages.
-                    t.stats.pages_dropped += t.ranges.clear(dst, span.runtime + bytes as u64);
-                    return Ok(());
-                }
-                Err(e) => {
-                    return Err(self.uffd_error(idx, "UFFDIO_COPY", dst, (bytes - done) as u64, e))
-                }
+                None => {}
+            }
+            if job.gone {
+                t.stats.pages_orphaned += rest;
+                self.task_exited(idx);
             }
         }
         Ok(())
@@ -1139,8 +1750,9 @@ impl FaultLoop {
         let at_us = self.us();
         let mut finished = Vec::new();
         for t in &mut self.tasks {
-            t.stats.pages_pending = t.ranges.pending_pages();
-            if t.received && t.stats.done_us.is_none() && t.ranges.pending_pages() == 0 {
+            t.stats.pages_pending = t.ranges.pending_pages() + t.inflight;
+            if t.received && t.stats.done_us.is_none() && t.stats.pages_pending == 0 && t.jobs == 0
+            {
                 t.stats.done_us = Some(at_us);
                 finished.push(t.stats.clone());
             }
@@ -1181,8 +1793,21 @@ impl FaultLoop {
 
     fn snapshot(&mut self) -> Snapshot {
         for t in &mut self.tasks {
-            t.stats.pages_pending = t.ranges.pending_pages();
+            t.stats.pages_pending = t.ranges.pending_pages() + t.inflight;
         }
+        let fault_traces = if self.final_report && self.policy.record_faults {
+            self.tasks
+                .iter()
+                .map(|t| FaultTrace {
+                    image_pid: t.stats.image_pid,
+                    child_index: t.stats.child_index,
+                    faults: t.trace.clone(),
+                    truncated: t.trace_truncated,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let tasks: Vec<TaskStats> = self.tasks.iter().map(|t| t.stats.clone()).collect();
         let (user_us, sys_us) = sys::thread_cpu_time_us();
         Snapshot {
@@ -1195,6 +1820,9 @@ impl FaultLoop {
             faults_per_cpu: self.per_cpu.clone(),
             cpu_time: CpuTime { user_us, sys_us },
             peer: self.peer,
+            policy: self.policy.name.clone(),
+            series: self.series.points().to_vec(),
+            fault_traces,
         }
     }
 }

@@ -5,6 +5,7 @@
 use crate::guardian::GuardianError;
 use crate::handoff::HandoffError;
 use crate::plan::PlanError;
+use crate::policy::PolicyError;
 use crate::source::SourceError;
 use crate::uffd::CopyError;
 use std::fmt;
@@ -15,6 +16,8 @@ use std::io;
 pub enum EngineError {
     /// Invalid plan: {0}
     Plan(PlanError),
+    /// Invalid policy: {0}
+    Policy(PolicyError),
     /// This host's page size {size} is not the 4096 bytes lazy-restore serves in
     UnsupportedPageSize { size: u64 },
     /// Page files could not be used: {0}
@@ -65,6 +68,7 @@ impl EngineError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Plan(_) => "PLAN_INVALID",
+            Self::Policy(_) => "POLICY_INVALID",
             Self::UnsupportedPageSize { .. } => "UNSUPPORTED_PAGE_SIZE",
             Self::Source(e) | Self::PageRead { source: e, .. } => match e {
                 SourceError::Open { .. } => "SOURCE_OPEN",
@@ -115,6 +119,7 @@ impl fmt::Display for EngineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Plan(e) => write!(f, "invalid plan: {e}"),
+            Self::Policy(e) => write!(f, "invalid policy: {e}"),
             Self::UnsupportedPageSize { size } => {
                 write!(
                     f,
@@ -166,6 +171,7 @@ impl std::error::Error for EngineError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Plan(e) => Some(e),
+            Self::Policy(e) => Some(e),
             Self::Source(e) | Self::PageRead { source: e, .. } => Some(e),
             Self::Handoff(e) => Some(e),
             Self::Guardian(e) => Some(e),

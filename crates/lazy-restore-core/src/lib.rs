@@ -4,10 +4,11 @@
 //! socket hand-off — and knows nothing of Node. The napi crate only converts types.
 //!
 //! Where things are: [`handoff`] talks to `criu restore`; [`engine`] is the loop that serves
-//! faults and copies in the background; [`guardian`] outlives it and kills the tree if it dies mid-transfer; [`ranges`] knows what is still pending; [`source`]
+//! faults and copies in the background ([`copier`]: its copier thread); [`guardian`] outlives it and kills the tree if it dies mid-transfer; [`ranges`] knows what is still pending; [`source`]
 //! reads page bytes; [`policy`] says how pages move (readahead, background, prefetch); [`uffd`] wraps the userfaultfd ioctls; [`telemetry`] holds what is
 //! measured and reported; [`tree`] finds and kills the restored process tree.
 
+pub mod copier;
 pub mod engine;
 pub mod error;
 pub mod guardian;
@@ -39,15 +40,16 @@ pub mod testkit {
 
 pub use engine::{Engine, EngineControl, EngineHandle, EventSink};
 pub use error::EngineError;
-pub use plan::{EngineConfig, PlanError, RangePlan, TaskPlan, DEFAULT_CHUNK_BYTES};
+pub use copier::{CopyKind, CopyLog, CopyRecord};
+pub use plan::{EngineConfig, PlanError, RangePlan, TaskPlan};
 pub use policy::{
     Background, BackgroundOrder, CopyThread, Policy, PolicyError, PrefetchPlan, PrefetchRange,
     Readahead, ReadaheadMode, TaskOrder,
 };
 pub use source::{FileSource, PageSource, SourceError};
 pub use telemetry::{
-    CpuTime, EngineEvent, LatencySummary, Peer, Phase, Report, Snapshot, TaskStats, Timeline,
-    Totals,
+    CpuTime, EngineEvent, FaultTrace, LatencySummary, Peer, Phase, Report, SeriesPoint, Snapshot,
+    TaskStats, Timeline, Totals, TracedFault,
 };
 
 /// The version of this crate, for `lazy-restore --version` and bug reports.

@@ -1,14 +1,14 @@
 //! What the engine is asked to serve ([`EngineConfig`]: tasks, their lazy ranges, the page
 //! files) and the checks a plan must pass before anything is bound or started.
 
+use crate::copier::CopyLog;
+use crate::policy::Policy;
 use crate::uffd::PAGE_SIZE;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Default background chunk: the largest that keeps interleaved fault latency low (limits.md).
-pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Everything the engine needs to serve one `criu restore --lazy-pages`.
 #[derive(Debug, Clone)]
@@ -19,8 +19,11 @@ pub struct EngineConfig {
     pub tasks: Vec<TaskPlan>,
     /// Page files, referenced by index from [`RangePlan::file`].
     pub files: Vec<PathBuf>,
-    /// Background chunk size in bytes (rounded down to whole pages, at least one page).
-    pub chunk_bytes: usize,
+    /// How pages move: readahead, background chunks and thread, prefetch, fault recording.
+    pub policy: Policy,
+    /// Serve page files from read-only mappings (UFFDIO_COPY straight from the page cache;
+    /// see [`crate::source`]) instead of `pread` into a buffer.
+    pub map_page_files: bool,
     /// Uids allowed to connect (SO_PEERCRED).
     pub allowed_uids: Vec<u32>,
     /// On a fatal error, SIGKILL the served tree (production); tests that serve their own
@@ -34,21 +37,26 @@ pub struct EngineConfig {
     /// (see [`crate::guardian`]). `None`: no guardian (in-process tests). Ignored when
     /// `kill_on_fatal` is off: a guardian's only action is to kill.
     pub guardian: Option<PathBuf>,
+    /// Tests only: every install (task, kind, address, pages) is appended here.
+    #[doc(hidden)]
+    pub copy_log: Option<CopyLog>,
 }
 
 impl EngineConfig {
-    /// A config with the defaults: 256 KiB chunks, uid 0 only, kill on fatal, 100 ms progress,
-    /// no guardian.
+    /// A config with the defaults: the default policy, mapped page files, uid 0 only, kill on
+    /// fatal, 100 ms progress, no guardian.
     pub fn new(socket_path: PathBuf, tasks: Vec<TaskPlan>, files: Vec<PathBuf>) -> Self {
         Self {
             socket_path,
             tasks,
             files,
-            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            policy: Policy::default(),
+            map_page_files: true,
             allowed_uids: vec![0],
             kill_on_fatal: true,
             progress_interval: Duration::from_millis(100),
             guardian: None,
+            copy_log: None,
         }
     }
 }

@@ -81,6 +81,22 @@ impl Bitmap {
         cleared
     }
 
+    /// Sets bits `[from, to)` (clamped to the length); returns how many were clear.
+    pub fn set_range(&mut self, from: u64, to: u64) -> u64 {
+        let to = to.min(self.len);
+        let mut set = 0;
+        for i in from..to {
+            let (w, b) = ((i / 64) as usize, i % 64);
+            if self.words[w] & (1 << b) == 0 {
+                self.words[w] |= 1 << b;
+                set += 1;
+                self.hint = self.hint.min(w);
+            }
+        }
+        self.count += set;
+        set
+    }
+
     /// The lowest set bit, if any.
     pub fn first_set(&mut self) -> Option<u64> {
         while self.hint < self.words.len() {
@@ -315,6 +331,52 @@ impl RangeMap {
         cleared
     }
 
+    /// Makes the pages of `span` (run-time address, image address, file position) pending
+    /// again — pages handed to the copier that a fork or an mremap means must be copied
+    /// (again). Pages inside an existing range set its bits (its layout is the same, since
+    /// ranges move whole); the others form a new range. Returns how many became pending.
+    pub fn insert_pending(&mut self, span: PageSpan) -> u64 {
+        let mut added = 0;
+        let mut i = 0;
+        while i < span.pages {
+            let at = span.runtime + i * PAGE_SIZE;
+            if let Some((&k, _)) = self
+                .ranges
+                .range(..=at)
+                .next_back()
+                .filter(|(_, r)| at < r.end())
+            {
+                let r = self.ranges.get_mut(&k).expect("range just found");
+                let idx = (at - r.runtime_start) / PAGE_SIZE;
+                let n = (span.pages - i).min(r.pending.len() - idx);
+                added += r.pending.set_range(idx, idx + n);
+                i += n;
+                continue;
+            }
+            // Uncovered: up to the next range's start.
+            let next = self
+                .ranges
+                .range(at..)
+                .next()
+                .map_or(u64::MAX, |(&k, _)| k);
+            let n = (span.pages - i).min((next - at) / PAGE_SIZE);
+            self.ranges.insert(
+                at,
+                LazyRange {
+                    runtime_start: at,
+                    image_start: span.image + i * PAGE_SIZE,
+                    file: span.file,
+                    offset: span.offset + i * PAGE_SIZE,
+                    pending: Bitmap::full(n),
+                },
+            );
+            added += n;
+            i += n;
+        }
+        self.pending += added;
+        added
+    }
+
     /// Drops everything (the task exited); returns how many pages were pending.
     pub fn clear_all(&mut self) -> u64 {
         let n = self.pending;
@@ -448,6 +510,22 @@ impl RangeMap {
             .values()
             .find(|r| page >= r.image_start && page < r.image_start + r.pending.len() * PAGE_SIZE)
             .map(|r| r.span((page - r.image_start) / PAGE_SIZE, 1))
+    }
+
+    /// The pieces of image `[image, image + pages*4K)` that lie in ranges (pending or not),
+    /// as run-time spans, in image order. Linear in the number of ranges.
+    pub fn image_runs(&self, image: u64, pages: u64, out: &mut Vec<PageSpan>) {
+        out.clear();
+        let start = image & !(PAGE_SIZE - 1);
+        let end = start.saturating_add(pages.saturating_mul(PAGE_SIZE));
+        for r in self.ranges.values() {
+            let r_end = r.image_start + r.pending.len() * PAGE_SIZE;
+            let (lo, hi) = (start.max(r.image_start), end.min(r_end));
+            if lo < hi {
+                out.push(r.span((lo - r.image_start) / PAGE_SIZE, (hi - lo) / PAGE_SIZE));
+            }
+        }
+        out.sort_by_key(|s| s.image);
     }
 
     /// The range containing run-time `addr`: its run-time start and end.
@@ -603,6 +681,34 @@ mod tests {
         assert_eq!(m.image_span(0x20000 + 9 * P).unwrap().offset, 8 * P + 9 * P);
         assert!(m.image_span(0x15000).is_none());
         assert_eq!(m.range_bounds(0x10000 + 5), Some((0x10000, 0x10000 + 4 * P)));
+        let mut runs = Vec::new();
+        m.image_runs(0x10000 + 2 * P, 0x20, &mut runs);
+        let got: Vec<(u64, u64, u64)> = runs.iter().map(|s| (s.runtime, s.pages, s.offset)).collect();
+        assert_eq!(got, [(0x10000 + 2 * P, 2, 2 * P), (0x20000, 18, 8 * P)]);
+    }
+
+    #[test]
+    fn insert_pending_sets_bits_or_makes_ranges() {
+        let mut m = map();
+        let c = m.next_chunk(8).unwrap();
+        m.clear(c.runtime, c.runtime + c.bytes());
+        assert_eq!(m.pending_pages(), 100);
+        // The first range is gone (empty); putting its pages back recreates it.
+        assert_eq!(m.insert_pending(c), 4);
+        assert_eq!(m.pending_page(0x10000 + 3 * P).unwrap().offset, 3 * P);
+        // Inside the second range: bits only; already pending pages do not count twice.
+        m.clear(0x20000, 0x20000 + 10 * P);
+        let back = PageSpan {
+            runtime: 0x20000 + 5 * P,
+            image: 0x20000 + 5 * P,
+            file: 1,
+            offset: 13 * P,
+            pages: 10,
+        };
+        assert_eq!(m.insert_pending(back), 5);
+        assert_eq!(m.pending_pages(), 99);
+        assert_eq!(m.range_count(), 2);
+        assert_eq!(m.next_chunk_from(0x20000, 100).unwrap().runtime, 0x20000 + 5 * P);
     }
 
     #[test]

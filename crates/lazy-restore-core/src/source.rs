@@ -1,13 +1,21 @@
 //! Where page bytes come from. [`PageSource`] is the seam (local files today, a remote page
 //! server later); [`FileSource`] reads CRIU's raw `pages-<id>.img` files.
 //!
-//! Files are read with `pread` into the caller's buffer, never mmapped: a file truncated or
-//! replaced under us then gives an error naming the file and offset instead of a SIGBUS in
-//! the daemon.
+//! Files are read with `pread` into the caller's buffer, or — when [`FileSource::map_files`]
+//! was called — mapped read-only and handed to UFFDIO_COPY as a source address
+//! ([`PageSource::mapped`]), which saves the copy into a buffer (bulk copy 3.0-3.3 GiB/s instead
+//! of 2.1-2.9 in `benches/bulk_copy.rs`). The mapping is never read from user space: only the
+//! kernel's `copy_from_user` reads it, which turns a page past a truncated end into EFAULT
+//! instead of a SIGBUS in the daemon; and after every such copy [`PageSource::check_mapped`]
+//! compares the file size with the bytes used (a truncation updates the size before it drops
+//! the pages, so a copy that could have seen a cut file is always caught). Either way a file
+//! truncated under us is an error naming the file and offset.
 
 use std::fmt;
 use std::fs::File;
 use std::io;
+use crate::sys::{self, FileMapping};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -76,12 +84,28 @@ impl std::error::Error for SourceError {
 pub trait PageSource: Send {
     /// Fills all of `buf` with the bytes at `offset` of file `file`; anything less is an error.
     fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// The address in this process where bytes `[offset, offset+len)` of file `file` are
+    /// mapped, to be used only as a UFFDIO_COPY source (never read from user space). `None`:
+    /// use [`PageSource::read`].
+    fn mapped(&self, _file: u32, _offset: u64, _len: u64) -> Option<u64> {
+        None
+    }
+
+    /// After a copy from [`PageSource::mapped`] memory: an error if the file no longer holds
+    /// all of `[offset, offset+len)` (it was truncated under us, and the copy may have
+    /// installed bytes past its new end).
+    fn check_mapped(&self, _file: u32, _offset: u64, _len: u64) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// Raw page files on local disk, addressed by index.
 #[derive(Debug)]
 pub struct FileSource {
     files: Vec<(PathBuf, File)>,
+    /// Read-only mappings, per file, once [`FileSource::map_files`] succeeded.
+    maps: Vec<Option<FileMapping>>,
 }
 
 impl FileSource {
@@ -98,7 +122,31 @@ impl FileSource {
                     })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { files })
+        Ok(Self {
+            files,
+            maps: Vec::new(),
+        })
+    }
+
+    /// Maps every non-empty file read-only for zero-copy UFFDIO_COPY (see the module doc) and
+    /// asks for sequential readahead on it. A file that cannot be mapped stays on `pread`.
+    pub fn map_files(&mut self) {
+        self.maps = self
+            .files
+            .iter()
+            .map(|(_, f)| {
+                let len = f.metadata().ok()?.len();
+                let m = FileMapping::map(f.as_fd(), len).ok()?;
+                // Advice only: the kernel reads ahead on its own if it refuses.
+                let _ = sys::fadvise(f.as_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+                Some(m)
+            })
+            .collect();
+    }
+
+    /// True when file `file` is served from a mapping.
+    pub fn is_mapped(&self, file: u32) -> bool {
+        self.maps.get(file as usize).is_some_and(Option::is_some)
     }
 
     /// Checks that file `file` holds at least `needed` bytes.
@@ -132,6 +180,32 @@ impl FileSource {
 }
 
 impl PageSource for FileSource {
+    fn mapped(&self, file: u32, offset: u64, len: u64) -> Option<u64> {
+        let m = self.maps.get(file as usize)?.as_ref()?;
+        (offset.checked_add(len)? <= m.len()).then(|| m.addr_of(offset))
+    }
+
+    fn check_mapped(&self, file: u32, offset: u64, len: u64) -> Result<(), SourceError> {
+        let (path, f) = self
+            .files
+            .get(file as usize)
+            .ok_or(SourceError::UnknownFile { file })?;
+        let size = sys::file_size(f.as_fd()).map_err(|source| SourceError::Read {
+            path: path.clone(),
+            offset,
+            source,
+        })?;
+        if size < offset + len {
+            return Err(SourceError::ShortRead {
+                path: path.clone(),
+                offset,
+                wanted: len as usize,
+                got: size.saturating_sub(offset) as usize,
+            });
+        }
+        Ok(())
+    }
+
     fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let (path, f) = self
             .files

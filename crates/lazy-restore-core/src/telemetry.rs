@@ -46,6 +46,10 @@ pub struct TaskStats {
     pub pages_fault: u64,
     /// Pages filled by the background copier.
     pub pages_background: u64,
+    /// Pages installed with a fault's readahead window (besides the faulting page).
+    pub pages_readahead: u64,
+    /// Pages installed from the policy's prefetch list (working-set replay).
+    pub pages_prefetch: u64,
     /// Faults on pages outside the pending set, answered with a zero page.
     pub pages_zero: u64,
     /// Pending pages found already present (EEXIST) and counted as done.
@@ -79,6 +83,8 @@ pub struct Totals {
     pub pages_planned: u64,
     pub pages_fault: u64,
     pub pages_background: u64,
+    pub pages_readahead: u64,
+    pub pages_prefetch: u64,
     pub pages_zero: u64,
     pub pages_present: u64,
     pub pages_dropped: u64,
@@ -102,6 +108,8 @@ impl Totals {
             t.pages_planned += s.pages_planned;
             t.pages_fault += s.pages_fault;
             t.pages_background += s.pages_background;
+            t.pages_readahead += s.pages_readahead;
+            t.pages_prefetch += s.pages_prefetch;
             t.pages_zero += s.pages_zero;
             t.pages_present += s.pages_present;
             t.pages_dropped += s.pages_dropped;
@@ -128,6 +136,100 @@ pub struct Timeline {
     pub done_us: Option<u64>,
     /// `finish_fast` was requested.
     pub finish_fast_us: Option<u64>,
+    /// Every prefetch page of every task was installed (or is no longer needed). `None`
+    /// without a prefetch list.
+    pub prefetch_done_us: Option<u64>,
+}
+
+/// One point of the bytes-over-time series: cumulative bytes installed at `at_us`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeriesPoint {
+    pub at_us: u64,
+    pub bytes: u64,
+}
+
+/// Most points a [`Series`] keeps; past that it drops every other point and samples half as
+/// often, so its length stays bounded however long the run.
+pub const SERIES_MAX_POINTS: usize = 2000;
+
+/// Cumulative bytes installed, sampled about every `interval_us` (10 ms to start with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Series {
+    points: Vec<SeriesPoint>,
+    interval_us: u64,
+}
+
+impl Default for Series {
+    fn default() -> Self {
+        Self {
+            points: Vec::new(),
+            interval_us: 10_000,
+        }
+    }
+}
+
+impl Series {
+    /// Records `bytes` at `at_us` if the last point is at least one interval old (or `force`).
+    pub fn sample(&mut self, at_us: u64, bytes: u64, force: bool) {
+        if let Some(last) = self.points.last_mut() {
+            if last.bytes == bytes && !force {
+                // Flat: move nothing, the next change records where the flat part ended.
+                return;
+            }
+            if at_us < last.at_us + self.interval_us && !force {
+                return;
+            }
+            if last.at_us == at_us {
+                last.bytes = bytes;
+                return;
+            }
+        }
+        self.points.push(SeriesPoint { at_us, bytes });
+        if self.points.len() > SERIES_MAX_POINTS {
+            let mut i = 0;
+            // Keep the first and the newest point, every other one between.
+            let last = self.points.len() - 1;
+            self.points.retain(|_| {
+                i += 1;
+                (i - 1) % 2 == 0 || i - 1 == last
+            });
+            self.interval_us *= 2;
+        }
+    }
+
+    /// Records the end of a flat stretch: `bytes` (unchanged) just before a change at `at_us`.
+    pub fn mark_flat_until(&mut self, at_us: u64, bytes: u64) {
+        if let Some(last) = self.points.last() {
+            if last.bytes == bytes && at_us >= last.at_us + self.interval_us {
+                self.points.push(SeriesPoint { at_us, bytes });
+            }
+        }
+    }
+
+    /// The points, oldest first.
+    pub fn points(&self) -> &[SeriesPoint] {
+        &self.points
+    }
+}
+
+/// One fault served from the page source: the faulting page's image address and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TracedFault {
+    pub addr: u64,
+    pub at_us: u64,
+}
+
+/// Most entries a task's fault trace keeps; later faults are only counted.
+pub const FAULT_TRACE_MAX: usize = 1 << 20;
+
+/// The first-need order of one task's pages (faults only), when the policy records faults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultTrace {
+    pub image_pid: i32,
+    pub child_index: u32,
+    pub faults: Vec<TracedFault>,
+    /// Faults not kept because the trace was full.
+    pub truncated: u64,
 }
 
 /// Fault service latency distribution, summarised.
@@ -257,6 +359,13 @@ pub struct Snapshot {
     pub faults_per_cpu: Vec<u64>,
     pub cpu_time: CpuTime,
     pub peer: Option<Peer>,
+    /// The policy's name.
+    pub policy: String,
+    /// Cumulative bytes installed over time (bounded length).
+    pub series: Vec<SeriesPoint>,
+    /// Per task fault traces (policy `record_faults`); only in the final report, empty in
+    /// progress snapshots.
+    pub fault_traces: Vec<FaultTrace>,
 }
 
 impl Snapshot {
@@ -272,6 +381,9 @@ impl Snapshot {
             faults_per_cpu: Vec::new(),
             cpu_time: CpuTime::default(),
             peer: None,
+            policy: String::new(),
+            series: Vec::new(),
+            fault_traces: Vec::new(),
         }
     }
 }
@@ -346,6 +458,27 @@ mod tests {
         let mut h = LatencyHistogram::default();
         h.record(Duration::from_micros(5));
         assert_eq!(h.summary().p50_us, 5, "capped at the max");
+    }
+
+    #[test]
+    fn series_samples_every_interval_and_stays_bounded() {
+        let mut s = Series::default();
+        s.sample(0, 0, true);
+        s.sample(5_000, 100, false); // too soon
+        s.sample(12_000, 200, false);
+        s.sample(30_000, 200, false); // flat: nothing
+        s.mark_flat_until(90_000, 200);
+        s.sample(100_000, 300, false);
+        let p: Vec<(u64, u64)> = s.points().iter().map(|p| (p.at_us, p.bytes)).collect();
+        assert_eq!(p, [(0, 0), (12_000, 200), (90_000, 200), (100_000, 300)]);
+        for i in 0..100_000u64 {
+            s.sample(100_000 + i * 10_000, i + 400, false);
+        }
+        assert!(s.points().len() <= SERIES_MAX_POINTS, "{}", s.points().len());
+        assert!(s.points().len() > SERIES_MAX_POINTS / 4);
+        let last = s.points().last().copied().unwrap_or_default();
+        assert!(last.bytes >= 100_000, "the newest point is kept: {last:?}");
+        assert!(s.points().windows(2).all(|w| w[0].at_us < w[1].at_us));
     }
 
     #[test]

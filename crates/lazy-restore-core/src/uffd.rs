@@ -8,6 +8,7 @@ use crate::sys;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 /// The page size lazy-restore serves in. CRIU uses the runtime page size; the engine refuses
 /// to start on a host whose page size differs.
@@ -50,6 +51,8 @@ pub enum CopyError {
     Gone,
     /// ENOENT: no registered mapping there any more.
     NoMapping,
+    /// EFAULT: the source could not be read (a mapped page file truncated under us).
+    Fault,
     /// Anything else.
     Other(io::Error),
 }
@@ -61,18 +64,20 @@ impl fmt::Display for CopyError {
             Self::Again => f.write_str("address space changing (EAGAIN)"),
             Self::Gone => f.write_str("task exited (ESRCH)"),
             Self::NoMapping => f.write_str("no registered mapping (ENOENT)"),
+            Self::Fault => f.write_str("source unreadable (EFAULT)"),
             Self::Other(e) => write!(f, "{e}"),
         }
     }
 }
 
 impl CopyError {
-    fn from_io(e: io::Error) -> Self {
+    pub(crate) fn from_io(e: io::Error) -> Self {
         match e.raw_os_error() {
             Some(libc::EEXIST) => Self::Exists,
             Some(libc::EAGAIN) => Self::Again,
             Some(libc::ESRCH) | Some(libc::ENOSPC) => Self::Gone,
             Some(libc::ENOENT) => Self::NoMapping,
+            Some(libc::EFAULT) => Self::Fault,
             _ => Self::Other(e),
         }
     }
@@ -81,7 +86,8 @@ impl CopyError {
 /// A restored task's userfaultfd, owned by the daemon.
 #[derive(Debug)]
 pub struct Uffd {
-    fd: OwnedFd,
+    /// Shared with the copier thread, which only copies into it.
+    fd: Arc<OwnedFd>,
     buf: Box<[u8; sys::UFFD_MSG_SIZE * BATCH]>,
 }
 
@@ -90,9 +96,14 @@ impl Uffd {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         sys::set_nonblocking(fd.as_fd())?;
         Ok(Self {
-            fd,
+            fd: Arc::new(fd),
             buf: Box::new([0; sys::UFFD_MSG_SIZE * BATCH]),
         })
+    }
+
+    /// The descriptor, for a copier thread (copies only; events stay with this handle).
+    pub fn shared_fd(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.fd)
     }
 
     /// Reads every message available right now (up to one batch) into `out`. Returns the
@@ -117,6 +128,12 @@ impl Uffd {
         sys::uffdio_copy(self.fd.as_fd(), dst, src, mode).map_err(CopyError::from_io)
     }
 
+    /// UFFDIO_COPY of `len` bytes at address `src` of this process (e.g. a page-file mapping,
+    /// which only the kernel reads) to `dst`; same result convention as [`Uffd::copy`].
+    pub fn copy_from(&self, dst: u64, src: u64, len: u64, dontwake: bool) -> Result<usize, CopyError> {
+        copy_from(self.fd.as_fd(), dst, src, len, dontwake)
+    }
+
     /// UFFDIO_ZEROPAGE of `[start, start+len)`; returns bytes filled (may be short).
     pub fn zeropage(&self, start: u64, len: u64, dontwake: bool) -> Result<usize, CopyError> {
         let mode = if dontwake { sys::MODE_DONTWAKE } else { 0 };
@@ -135,6 +152,24 @@ impl Uffd {
             _ => CopyError::from_io(e),
         })
     }
+}
+
+/// [`Uffd::copy_from`] on a bare descriptor (the copier thread's).
+pub fn copy_from(
+    fd: BorrowedFd<'_>,
+    dst: u64,
+    src: u64,
+    len: u64,
+    dontwake: bool,
+) -> Result<usize, CopyError> {
+    let mode = if dontwake { sys::MODE_DONTWAKE } else { 0 };
+    sys::uffdio_copy_raw(fd, dst, src, len, mode).map_err(CopyError::from_io)
+}
+
+/// [`Uffd::copy`] on a bare descriptor (the copier thread's).
+pub fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8], dontwake: bool) -> Result<usize, CopyError> {
+    let mode = if dontwake { sys::MODE_DONTWAKE } else { 0 };
+    sys::uffdio_copy(fd, dst, src, mode).map_err(CopyError::from_io)
 }
 
 impl AsFd for Uffd {

@@ -6,8 +6,9 @@
 //! `killed` lists the host pids killed because of the failure.
 
 use lazy_restore_core::{
-    Engine, EngineConfig, EngineControl, EngineError, EngineEvent, EngineHandle, RangePlan, Report,
-    Snapshot, TaskPlan, TaskStats, Totals,
+    Background, BackgroundOrder, CopyThread, Engine, EngineConfig, EngineControl, EngineError,
+    EngineEvent, EngineHandle, Policy, PrefetchPlan, PrefetchRange, RangePlan, Readahead,
+    ReadaheadMode, Report, Snapshot, TaskOrder, TaskPlan, TaskStats, Totals,
 };
 use napi::bindgen_prelude::{AsyncTask, BigInt};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -69,8 +70,123 @@ pub struct NativeTaskPlan {
     pub ranges: Vec<NativeRangePlan>,
 }
 
-/// What the engine serves. Omitted options take the core's defaults (256 KiB chunks, uid 0,
-/// kill on fatal, 100 ms progress).
+/// Fault readahead: the faulting page plus a window, clipped to the range and to pending
+/// pages, installed with DONTWAKE and one wake-up.
+#[napi(object)]
+pub struct NativeReadahead {
+    /// off: one page per fault; fixed: always maxPages; adaptive: per task, x2 (up to maxPages)
+    /// when a fault follows the previous window, /2 (down to minPages) when not.
+    #[napi(ts_type = "'off' | 'fixed' | 'adaptive'")]
+    pub mode: String,
+    pub min_pages: u32,
+    pub max_pages: u32,
+    /// The window is the window-sized aligned block holding the fault.
+    pub align: bool,
+}
+
+/// Background copy of pages nobody faulted on (after the restore-finished word).
+#[napi(object)]
+pub struct NativeBackground {
+    /// First chunk of a task and what a fault resets it to (criu: 64 KiB).
+    pub start_chunk_bytes: u32,
+    /// Added after each chunk (criu: 64 KiB; 0 = fixed size).
+    pub grow_bytes: u32,
+    /// Cap (criu: 4 MiB).
+    pub max_chunk_bytes: u32,
+    pub reset_on_fault: bool,
+    #[napi(ts_type = "'lowest-address' | 'round-robin' | 'near-faults'")]
+    pub order: String,
+    #[napi(ts_type = "'one-after-another' | 'interleaved'")]
+    pub tasks: String,
+    /// loop: chunks copied between polls in the fault loop; copier: a thread of its own (a fault
+    /// never waits for a chunk).
+    #[napi(ts_type = "'loop' | 'copier'")]
+    pub thread: String,
+    /// Loop thread: handle every ready event before each chunk (criu). Otherwise one read per
+    /// ready userfaultfd per chunk, so a fault storm cannot starve the background.
+    pub drain_before_chunk: bool,
+}
+
+/// One run of the working set: image address (page aligned) and length in pages.
+#[napi(object)]
+pub struct NativePrefetchRange {
+    pub start: BigInt,
+    pub pages: i64,
+}
+
+/// The working set of one pstree pid, in install order.
+#[napi(object)]
+pub struct NativePrefetchTask {
+    pub pid: i32,
+    pub ranges: Vec<NativePrefetchRange>,
+}
+
+/// How pages move. Priority: faults (with their readahead) > prefetch > background.
+#[napi(object)]
+pub struct NativePolicy {
+    /// Reported back as `report.policy`.
+    pub name: String,
+    pub readahead: NativeReadahead,
+    pub background: NativeBackground,
+    /// Pages to install first once the restore finished, in this order, per pstree pid.
+    pub prefetch: Option<Vec<NativePrefetchTask>>,
+    /// Record each task's first-need order (`report.tasks[i].faultTrace`).
+    pub record_faults: Option<bool>,
+}
+
+fn to_policy(p: NativePolicy) -> Result<Policy, String> {
+    let bad = |what: &str, v: &str| format!("policy '{}': unknown {what} '{v}'", p.name);
+    let r = &p.readahead;
+    let b = &p.background;
+    let readahead = Readahead {
+        mode: ReadaheadMode::parse(&r.mode).ok_or_else(|| bad("readahead.mode", &r.mode))?,
+        min_pages: r.min_pages,
+        max_pages: r.max_pages,
+        align: r.align,
+    };
+    let background = Background {
+        start_chunk_bytes: u64::from(b.start_chunk_bytes),
+        grow_bytes: u64::from(b.grow_bytes),
+        max_chunk_bytes: u64::from(b.max_chunk_bytes),
+        reset_on_fault: b.reset_on_fault,
+        order: BackgroundOrder::parse(&b.order).ok_or_else(|| bad("background.order", &b.order))?,
+        tasks: TaskOrder::parse(&b.tasks).ok_or_else(|| bad("background.tasks", &b.tasks))?,
+        thread: CopyThread::parse(&b.thread).ok_or_else(|| bad("background.thread", &b.thread))?,
+        drain_before_chunk: b.drain_before_chunk,
+    };
+    let prefetch = p
+        .prefetch
+        .iter()
+        .flatten()
+        .map(|t| {
+            let pid = t.pid;
+            let ranges = t
+                .ranges
+                .iter()
+                .map(|r| {
+                    let pages = u64::try_from(r.pages).map_err(|_| {
+                        format!("prefetch of pid {pid}: page count {} is negative", r.pages)
+                    })?;
+                    Ok(PrefetchRange {
+                        start: u64_of(&r.start, "prefetch start", pid)?,
+                        pages,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok(PrefetchPlan { pid, ranges })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Policy {
+        name: p.name,
+        readahead,
+        background,
+        prefetch,
+        record_faults: p.record_faults.unwrap_or(false),
+    })
+}
+
+/// What the engine serves. Omitted options take the core's defaults (the `default` policy,
+/// uid 0, kill on fatal, 100 ms progress).
 #[napi(object)]
 pub struct NativeEngineConfig {
     /// Path of `lazy-pages.socket` (unlinked, then bound with mode 0600).
@@ -78,6 +194,7 @@ pub struct NativeEngineConfig {
     pub tasks: Vec<NativeTaskPlan>,
     /// Page files referenced by `NativeRangePlan.file`.
     pub files: Vec<String>,
+    /// A fixed background chunk size: overrides the policy's start/grow/max chunk sizes.
     pub chunk_bytes: Option<u32>,
     pub allowed_uids: Option<Vec<u32>>,
     pub kill_on_fatal: Option<bool>,
@@ -86,6 +203,8 @@ pub struct NativeEngineConfig {
     /// userfaultfd too, so a daemon that dies mid-transfer gets the restored tree killed
     /// instead of running on zero pages. Absent: no guardian. Ignored when killOnFatal is false.
     pub guardian_path: Option<String>,
+    /// The transfer policy; absent: the core's `default` policy.
+    pub policy: Option<NativePolicy>,
 }
 
 fn u64_of(b: &BigInt, what: &str, pid: i32) -> Result<u64, String> {
@@ -127,8 +246,11 @@ fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, String> {
         tasks,
         c.files.into_iter().map(PathBuf::from).collect(),
     );
+    if let Some(p) = c.policy {
+        cfg.policy = to_policy(p)?;
+    }
     if let Some(b) = c.chunk_bytes {
-        cfg.chunk_bytes = b as usize;
+        cfg.policy = cfg.policy.with_fixed_chunk(u64::from(b));
     }
     if let Some(u) = c.allowed_uids {
         cfg.allowed_uids = u;
@@ -162,6 +284,10 @@ pub struct NativeTaskStats {
     pub pages_planned: i64,
     pub pages_fault: i64,
     pub pages_background: i64,
+    /// Pages installed with a fault's readahead window (besides the faulting page).
+    pub pages_readahead: i64,
+    /// Pages installed from the policy's prefetch list.
+    pub pages_prefetch: i64,
     pub pages_zero: i64,
     /// Pending pages found already present (EEXIST).
     pub pages_present: i64,
@@ -176,6 +302,30 @@ pub struct NativeTaskStats {
     pub exited: bool,
     pub first_fault_us: Option<i64>,
     pub done_us: Option<i64>,
+    /// Report only, when the policy records faults: image address and time of each fault
+    /// served from the page source, in first-need order.
+    pub fault_trace: Option<Vec<NativeTracedFault>>,
+    /// Faults left out of `faultTrace` because it was full (1Mi entries).
+    pub fault_trace_truncated: Option<i64>,
+}
+
+/// One recorded fault.
+#[napi(object)]
+#[derive(Clone)]
+pub struct NativeTracedFault {
+    /// Image address of the faulting page.
+    pub addr: BigInt,
+    /// µs since engine start.
+    pub at_us: i64,
+}
+
+/// One point of the bytes-over-time series.
+#[napi(object)]
+pub struct NativeSeriesPoint {
+    /// µs since engine start.
+    pub at_us: i64,
+    /// Cumulative bytes installed.
+    pub bytes: i64,
 }
 
 impl From<&TaskStats> for NativeTaskStats {
@@ -188,6 +338,8 @@ impl From<&TaskStats> for NativeTaskStats {
             pages_planned: num(s.pages_planned),
             pages_fault: num(s.pages_fault),
             pages_background: num(s.pages_background),
+            pages_readahead: num(s.pages_readahead),
+            pages_prefetch: num(s.pages_prefetch),
             pages_zero: num(s.pages_zero),
             pages_present: num(s.pages_present),
             pages_dropped: num(s.pages_dropped),
@@ -199,6 +351,8 @@ impl From<&TaskStats> for NativeTaskStats {
             exited: s.exited,
             first_fault_us: s.first_fault_us.map(num),
             done_us: s.done_us.map(num),
+            fault_trace: None,
+            fault_trace_truncated: None,
         }
     }
 }
@@ -213,6 +367,8 @@ pub struct NativeTotals {
     pub pages_planned: i64,
     pub pages_fault: i64,
     pub pages_background: i64,
+    pub pages_readahead: i64,
+    pub pages_prefetch: i64,
     pub pages_zero: i64,
     pub pages_present: i64,
     pub pages_dropped: i64,
@@ -232,6 +388,8 @@ impl From<&Totals> for NativeTotals {
             pages_planned: num(t.pages_planned),
             pages_fault: num(t.pages_fault),
             pages_background: num(t.pages_background),
+            pages_readahead: num(t.pages_readahead),
+            pages_prefetch: num(t.pages_prefetch),
             pages_zero: num(t.pages_zero),
             pages_present: num(t.pages_present),
             pages_dropped: num(t.pages_dropped),
@@ -252,6 +410,8 @@ pub struct NativeTimeline {
     pub finished_us: Option<i64>,
     pub done_us: Option<i64>,
     pub finish_fast_us: Option<i64>,
+    /// Every prefetch page of every task installed (absent without a prefetch list).
+    pub prefetch_done_us: Option<i64>,
 }
 
 /// Fault service latency (uffd message read → ioctl return). Percentiles are the upper bound
@@ -300,23 +460,43 @@ macro_rules! snapshot_object {
             pub faults_per_cpu: Vec<i64>,
             pub cpu_time: NativeCpuTime,
             pub peer: Option<NativePeer>,
+            /// The policy's name.
+            pub policy: String,
+            /// Cumulative bytes installed, sampled about every 10 ms (at most 2000 points:
+            /// thinned out as the run goes on).
+            pub series: Vec<NativeSeriesPoint>,
         }
 
         impl From<&Snapshot> for $name {
             fn from(s: &Snapshot) -> Self {
                 let l = &s.fault_latency;
                 let t = &s.timeline;
+                let mut tasks: Vec<NativeTaskStats> = s.tasks.iter().map(Into::into).collect();
+                // Traces come in task order, one per task, only in the final report.
+                for (t, tr) in tasks.iter_mut().zip(&s.fault_traces) {
+                    t.fault_trace = Some(
+                        tr.faults
+                            .iter()
+                            .map(|f| NativeTracedFault {
+                                addr: BigInt::from(f.addr),
+                                at_us: num(f.at_us),
+                            })
+                            .collect(),
+                    );
+                    t.fault_trace_truncated = Some(num(tr.truncated));
+                }
                 Self {
                     phase: s.phase.as_str().to_string(),
                     elapsed_us: num(s.elapsed_us),
                     totals: (&s.totals).into(),
-                    tasks: s.tasks.iter().map(Into::into).collect(),
+                    tasks,
                     timeline: NativeTimeline {
                         connect_us: t.connect_us.map(num),
                         all_uffds_us: t.all_uffds_us.map(num),
                         finished_us: t.finished_us.map(num),
                         done_us: t.done_us.map(num),
                         finish_fast_us: t.finish_fast_us.map(num),
+                        prefetch_done_us: t.prefetch_done_us.map(num),
                     },
                     fault_latency: NativeLatency {
                         count: num(l.count),
@@ -337,6 +517,15 @@ macro_rules! snapshot_object {
                         uid: p.uid,
                         gid: p.gid,
                     }),
+                    policy: s.policy.clone(),
+                    series: s
+                        .series
+                        .iter()
+                        .map(|p| NativeSeriesPoint {
+                            at_us: num(p.at_us),
+                            bytes: num(p.bytes),
+                        })
+                        .collect(),
                 }
             }
         }

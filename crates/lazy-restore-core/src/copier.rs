@@ -1,0 +1,499 @@
+//! The copier thread (policy `background.thread = copier`): bulk UFFDIO_COPY of prefetch and
+//! background chunks, so the fault loop never copies a chunk and a fault never waits for one.
+//!
+//! The fault loop picks the pages (they stop being pending when handed over) and queues a
+//! [`Job`]; the copier copies it in pieces of at most [`COPIER_IOCTL_BYTES`] and hands it back
+//! with its counts through the loop's epoll (a byte on a socket pair).
+//!
+//! **Why the loop sometimes waits for one piece.** Reading a REMOVE, REMAP or UNMAP event
+//! completes it: the task goes on at once (zaps the pages, moves them). A COPY already running
+//! in the copier at that moment could then install old bytes into a page the task just
+//! dropped or moved in. So every copier ioctl runs under the slot lock, and the loop reads the
+//! userfaultfd of a task that has a job in flight only while it holds that lock
+//! ([`CopierHandle::hold`]), then fixes the jobs (cuts dropped pages, re-pends moved ones)
+//! before letting go. A fault therefore waits at most for the rest of one piece of the same
+//! task — never for a whole chunk, and never for a `pread` (done outside the lock). A fault on
+//! a page the copier has not reached yet is served by the loop itself: the page is cut out of
+//! the job under the lock.
+
+use crate::ranges::PageSpan;
+use crate::source::{PageSource, SourceError};
+use crate::uffd::{self, CopyError, PAGE_SIZE};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Largest single UFFDIO_COPY of the copier: what a fault of the same task may wait for.
+/// 256 KiB: UFFDIO_COPY is within ~10% of its best from there up (limits.md, bulk_copy bench),
+/// and it takes ~60-90 µs.
+pub const COPIER_IOCTL_BYTES: u64 = 256 * 1024;
+
+/// What installed a page (for the copy log and the per-kind counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// The faulting page itself.
+    Fault,
+    /// A page of a fault's readahead window.
+    Readahead,
+    /// A page of the policy's prefetch list.
+    Prefetch,
+    /// A background chunk.
+    Background,
+}
+
+/// One successful install, for tests that check order and sizes (see `EngineConfig::copy_log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyRecord {
+    /// Index of the served task (plan order, then forked children).
+    pub task: usize,
+    pub kind: CopyKind,
+    /// Run-time address of the first page.
+    pub runtime: u64,
+    pub pages: u64,
+}
+
+/// A shared log of installs, oldest first.
+pub type CopyLog = Arc<Mutex<Vec<CopyRecord>>>;
+
+pub(crate) fn log(log: &Option<CopyLog>, rec: CopyRecord) {
+    if let Some(l) = log {
+        l.lock().unwrap_or_else(|p| p.into_inner()).push(rec);
+    }
+}
+
+/// Why a job stopped with an error (the loop turns it into an `EngineError`).
+#[derive(Debug)]
+pub(crate) enum JobError {
+    Source {
+        image_addr: u64,
+        source: SourceError,
+    },
+    Uffd {
+        addr: u64,
+        len: u64,
+        source: CopyError,
+    },
+}
+
+/// Pages of one task for the copier, and what became of them.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub task: usize,
+    pub kind: CopyKind,
+    pub fd: Arc<OwnedFd>,
+    /// Still to copy, run-time addresses, in order.
+    pub spans: VecDeque<PageSpan>,
+    pub installed: u64,
+    pub exists: u64,
+    pub dropped: u64,
+    pub eagain: u64,
+    pub gone: bool,
+    pub error: Option<JobError>,
+    /// Mapped bytes used, per file: (file, end offset, image address there), checked against
+    /// the file size once the job is done (see `PageSource::check_mapped`).
+    mapped_ends: Vec<(u32, u64, u64)>,
+}
+
+impl Job {
+    pub fn new(task: usize, kind: CopyKind, fd: Arc<OwnedFd>, spans: VecDeque<PageSpan>) -> Self {
+        Self {
+            task,
+            kind,
+            fd,
+            spans,
+            installed: 0,
+            exists: 0,
+            dropped: 0,
+            eagain: 0,
+            gone: false,
+            error: None,
+            mapped_ends: Vec::new(),
+        }
+    }
+
+    fn note_mapped(&mut self, file: u32, end: u64, image: u64) {
+        match self.mapped_ends.iter_mut().find(|(f, _, _)| *f == file) {
+            Some(e) if e.1 < end => *e = (file, end, image),
+            Some(_) => {}
+            None => self.mapped_ends.push((file, end, image)),
+        }
+    }
+
+    /// After the last copy: the files still hold every mapped byte the job used.
+    fn check_mapped(&mut self, source: &dyn PageSource) {
+        if self.error.is_some() {
+            return;
+        }
+        for &(file, end, image) in &self.mapped_ends {
+            if let Err(source) = source.check_mapped(file, 0, end) {
+                self.error = Some(JobError::Source {
+                    image_addr: image,
+                    source,
+                });
+                return;
+            }
+        }
+    }
+
+    /// Pages not copied (nor dropped) yet.
+    pub fn remaining(&self) -> u64 {
+        self.spans.iter().map(|s| s.pages).sum()
+    }
+
+    fn advance(&mut self, pages: u64) {
+        let Some(s) = self.spans.front_mut() else {
+            return;
+        };
+        let pages = pages.min(s.pages);
+        s.runtime += pages * PAGE_SIZE;
+        s.image += pages * PAGE_SIZE;
+        s.offset += pages * PAGE_SIZE;
+        s.pages -= pages;
+        if s.pages == 0 {
+            self.spans.pop_front();
+        }
+    }
+
+    /// Removes run-time `[start, end)` from the job; returns the removed pieces.
+    fn cut(&mut self, start: u64, end: u64) -> Vec<PageSpan> {
+        let mut cut = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.spans.len());
+        for s in self.spans.drain(..) {
+            let (lo, hi) = (s.runtime, s.runtime + s.pages * PAGE_SIZE);
+            if hi <= start || lo >= end {
+                kept.push_back(s);
+                continue;
+            }
+            let piece = |from: u64, to: u64| PageSpan {
+                runtime: from,
+                image: s.image + (from - lo),
+                file: s.file,
+                offset: s.offset + (from - lo),
+                pages: (to - from) / PAGE_SIZE,
+            };
+            if lo < start {
+                kept.push_back(piece(lo, start));
+            }
+            cut.push(piece(lo.max(start), hi.min(end)));
+            if hi > end {
+                kept.push_back(piece(end, hi));
+            }
+        }
+        self.spans = kept;
+        cut
+    }
+}
+
+/// The queue shared by the loop and the copier; every copier ioctl runs while it is locked.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    active: Option<Job>,
+    queued: VecDeque<Job>,
+    done: Vec<Job>,
+    stop: bool,
+}
+
+impl Slot {
+    /// Cuts run-time `[start, end)` out of every job of `task`; returns the pieces.
+    pub fn cut(&mut self, task: usize, start: u64, end: u64) -> Vec<PageSpan> {
+        let mut out = Vec::new();
+        for j in self.active.iter_mut().chain(self.queued.iter_mut()) {
+            if j.task == task {
+                out.extend(j.cut(start, end));
+            }
+        }
+        out
+    }
+
+    /// Every page still to copy for `task` (a fork must fetch them again for the child).
+    pub fn spans_of(&self, task: usize) -> Vec<PageSpan> {
+        self.active
+            .iter()
+            .chain(self.queued.iter())
+            .filter(|j| j.task == task)
+            .flat_map(|j| j.spans.iter().copied())
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    slot: Mutex<Slot>,
+    cv: Condvar,
+    /// The loop is waiting for the slot: the copier steps aside after its current piece.
+    loop_wants: AtomicBool,
+    poke: UnixStream,
+    ioctl_pages: u64,
+}
+
+fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A cloneable handle on the copier's queue, for the fault loop.
+#[derive(Debug, Clone)]
+pub(crate) struct CopierHandle(Arc<Shared>);
+
+/// The slot, locked by the loop. No copier ioctl runs while it lives.
+pub(crate) struct Hold<'a> {
+    guard: MutexGuard<'a, Slot>,
+    flag: &'a AtomicBool,
+}
+
+impl Deref for Hold<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        &self.guard
+    }
+}
+
+impl DerefMut for Hold<'_> {
+    fn deref_mut(&mut self) -> &mut Slot {
+        &mut self.guard
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.flag.store(false, Ordering::SeqCst);
+    }
+}
+
+impl CopierHandle {
+    /// Locks the slot (waiting at most for the copier's current piece).
+    pub fn hold(&self) -> Hold<'_> {
+        self.0.loop_wants.store(true, Ordering::SeqCst);
+        Hold {
+            guard: lock(&self.0.slot),
+            flag: &self.0.loop_wants,
+        }
+    }
+
+    /// Queues a job.
+    pub fn submit(&self, job: Job) {
+        lock(&self.0.slot).queued.push_back(job);
+        self.0.cv.notify_one();
+    }
+
+    /// Jobs the copier finished since the last call.
+    pub fn take_done(&self) -> Vec<Job> {
+        std::mem::take(&mut lock(&self.0.slot).done)
+    }
+}
+
+/// The copier thread. Stopped (after its current piece) and joined on drop.
+#[derive(Debug)]
+pub(crate) struct Copier {
+    handle: CopierHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Copier {
+    /// Starts the thread. `poke` is written one byte whenever a job is done.
+    pub fn start(
+        source: Arc<dyn PageSource + Sync>,
+        poke: UnixStream,
+        ioctl_bytes: u64,
+        copy_log: Option<CopyLog>,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot::default()),
+            cv: Condvar::new(),
+            loop_wants: AtomicBool::new(false),
+            poke,
+            ioctl_pages: (ioctl_bytes / PAGE_SIZE).max(1),
+        });
+        let sh = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("lazy-restore-copier".into())
+            .spawn(move || run(&sh, &*source, &copy_log))?;
+        Ok(Self {
+            handle: CopierHandle(shared),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> CopierHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the thread after its current piece and waits for it.
+    pub fn stop(&mut self) {
+        lock(&self.handle.0.slot).stop = true;
+        self.handle.0.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            // A panic in the copier already failed its job; nothing more to report here.
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Copier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut g = lock(&sh.slot);
+    loop {
+        if g.stop {
+            return;
+        }
+        if g.active.is_none() {
+            g.active = g.queued.pop_front();
+        }
+        let Some(job) = g.active.as_mut() else {
+            g = sh.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            continue;
+        };
+        let front = job.spans.front().copied();
+        let Some(span) = front.filter(|_| job.error.is_none() && !job.gone) else {
+            if let Some(mut done) = g.active.take() {
+                done.check_mapped(source);
+                g.done.push(done);
+            }
+            // A full socket already means "wake up".
+            let _ = (&sh.poke).write(&[1]);
+            continue;
+        };
+        let pages = span.pages.min(sh.ioctl_pages);
+        let len = pages * PAGE_SIZE;
+        let fd = Arc::clone(&job.fd);
+        let mapped = source.mapped(span.file, span.offset, len);
+        let result = match mapped {
+            Some(addr) => uffd::copy_from(fd.as_fd(), span.runtime, addr, len, false),
+            None => {
+                // Read outside the lock, then make sure the loop did not change the job.
+                drop(g);
+                buf.resize(len as usize, 0);
+                let read = source.read(span.file, span.offset, &mut buf);
+                g = lock(&sh.slot);
+                let Some(job) = g.active.as_mut() else {
+                    continue;
+                };
+                if job.spans.front().is_none_or(|s| s.runtime != span.runtime || s.pages < pages) {
+                    continue;
+                }
+                if let Err(source) = read {
+                    job.error = Some(JobError::Source {
+                        image_addr: span.image,
+                        source,
+                    });
+                    continue;
+                }
+                uffd::copy(fd.as_fd(), span.runtime, &buf, false)
+            }
+        };
+        let Some(job) = g.active.as_mut() else {
+            continue;
+        };
+        match result {
+            Ok(n) => {
+                let done = n as u64 / PAGE_SIZE;
+                if mapped.is_some() {
+                    job.note_mapped(span.file, span.offset + done * PAGE_SIZE, span.image);
+                }
+                job.installed += done;
+                job.advance(done);
+                log(
+                    copy_log,
+                    CopyRecord {
+                        task: job.task,
+                        kind: job.kind,
+                        runtime: span.runtime,
+                        pages: done,
+                    },
+                );
+            }
+            Err(CopyError::Exists) => {
+                job.exists += 1;
+                job.advance(1);
+            }
+            Err(CopyError::Again) => {
+                // The mm is changing; its event is waiting for the loop. Step aside.
+                job.eagain += 1;
+                drop(g);
+                std::thread::sleep(Duration::from_micros(100));
+                g = lock(&sh.slot);
+                continue;
+            }
+            Err(CopyError::NoMapping) => {
+                job.dropped += span.pages;
+                job.advance(span.pages);
+            }
+            Err(CopyError::Gone) => job.gone = true,
+            Err(e) => {
+                let error = match (mapped, &e) {
+                    (Some(_), CopyError::Fault) => source
+                        .check_mapped(span.file, span.offset, len)
+                        .err()
+                        .map(|source| JobError::Source {
+                            image_addr: span.image,
+                            source,
+                        }),
+                    _ => None,
+                };
+                job.error = Some(error.unwrap_or(JobError::Uffd {
+                    addr: span.runtime,
+                    len,
+                    source: e,
+                }));
+            }
+        }
+        // Let a waiting loop in before the next piece.
+        drop(g);
+        while sh.loop_wants.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        g = lock(&sh.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn span(runtime: u64, pages: u64) -> PageSpan {
+        PageSpan {
+            runtime,
+            image: runtime + 0x100_0000,
+            file: 0,
+            offset: runtime - 0x1000,
+            pages,
+        }
+    }
+
+    #[test]
+    fn cutting_splits_spans_and_keeps_file_positions() {
+        let fd = Arc::new(
+            crate::sys::userfaultfd(libc::O_CLOEXEC).expect("userfaultfd (needs root)"),
+        );
+        let mut j = Job::new(
+            0,
+            CopyKind::Background,
+            fd,
+            VecDeque::from([span(0x1000, 8), span(0x20000, 4)]),
+        );
+        let cut = j.cut(0x1000 + 2 * P, 0x1000 + 4 * P);
+        assert_eq!(cut.len(), 1);
+        assert_eq!((cut[0].runtime, cut[0].pages), (0x1000 + 2 * P, 2));
+        assert_eq!(cut[0].offset, 2 * P);
+        assert_eq!(cut[0].image, 0x100_1000 + 2 * P);
+        let left: Vec<(u64, u64)> = j.spans.iter().map(|s| (s.runtime, s.pages)).collect();
+        assert_eq!(left, [(0x1000, 2), (0x1000 + 4 * P, 4), (0x20000, 4)]);
+        assert_eq!(j.remaining(), 10);
+        j.advance(1);
+        assert_eq!(j.spans.front().map(|s| (s.runtime, s.offset)), Some((0x2000, P)));
+        assert!(j.cut(0x9000_0000, 0x9000_1000).is_empty());
+    }
+}
