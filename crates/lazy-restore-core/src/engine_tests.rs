@@ -842,3 +842,420 @@ fn measure_fault_latency_and_background_throughput() {
         rep.cpu_time.sys_us
     );
 }
+
+// ---- policies ---------------------------------------------------------------------------
+
+use crate::{
+    CopyKind, CopyLog, CopyRecord, CopyThread, Policy, PrefetchPlan, PrefetchRange, ReadaheadMode,
+};
+
+fn with_log(s: &mut Setup) -> CopyLog {
+    let log = CopyLog::default();
+    s.cfg.copy_log = Some(Arc::clone(&log));
+    log
+}
+
+fn records(log: &CopyLog) -> Vec<CopyRecord> {
+    log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Region page of run-time address `a` in setup `s`.
+fn page_of(s: &Setup, a: u64) -> u64 {
+    (a - s.region.addr()) / PAGE_SIZE
+}
+
+/// A second task served from the same pages file: its own region and uffd, a made-up pid.
+struct Extra {
+    uffd: Option<OwnedFd>,
+    region: Arc<Region>,
+    pid: i32,
+}
+
+fn add_task(s: &mut Setup, pid: i32, pages: u64) -> Extra {
+    let region = Region::map(pages as usize * P).expect("mmap");
+    let uffd =
+        sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK).expect("userfaultfd (needs root)");
+    sys::uffdio_api(&uffd, FEATURES).expect("UFFDIO_API");
+    sys::uffdio_register(
+        uffd.as_fd(),
+        region.addr(),
+        region.len() as u64,
+        sys::REGISTER_MODE_MISSING,
+    )
+    .expect("UFFDIO_REGISTER");
+    s.cfg.tasks.push(TaskPlan {
+        pid,
+        ranges: vec![RangePlan {
+            start: region.addr(),
+            pages,
+            file: 0,
+            offset: 0,
+        }],
+    });
+    Extra {
+        uffd: Some(uffd),
+        region: Arc::new(region),
+        pid,
+    }
+}
+
+fn criu_policy_setup(name: &str, pages: usize) -> Setup {
+    let mut s = setup(name, pages, pages as u64, &[(0, pages as u64, 0)], &[]);
+    s.cfg.policy = Policy::criu();
+    s
+}
+
+#[test]
+fn criu_policy_faults_take_one_page_and_chunks_grow_by_16_pages_then_reset() {
+    let _l = shared_lock();
+    // 64 MiB: the background needs a while, so a fault lands in the middle of it.
+    let pages = 16_384;
+    let mut s = criu_policy_setup("criu-chunks", pages);
+    let log = with_log(&mut s);
+    let h = s.start();
+    let mut criu = s.handoff();
+    assert!(check_page(&s.touch(pages / 2 + 3), (pages / 2 + 3) as u64));
+    criu.finished();
+    // Once the background has copied a few chunks, fault on the last page (copied last).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while records(&log)
+        .iter()
+        .filter(|r| r.kind == CopyKind::Background)
+        .count()
+        < 4
+    {
+        assert!(std::time::Instant::now() < deadline, "no background chunks");
+        std::thread::yield_now();
+    }
+    assert!(check_page(&s.touch(pages - 1), pages as u64 - 1));
+    let r = wait(h).expect("engine");
+    let t = &r.tasks[0];
+    assert_eq!((t.faults, t.pages_fault, t.pages_readahead), (2, 2, 0));
+    assert_eq!(t.pages_background, pages as u64 - 2);
+    assert_eq!(r.policy, "criu");
+    let recs = records(&log);
+    let faults: Vec<&CopyRecord> = recs.iter().filter(|r| r.kind == CopyKind::Fault).collect();
+    assert!(faults.iter().all(|r| r.pages == 1), "one page per fault");
+    // Chunk sizes: 16, 32, 48, ... pages, back to 16 right after the second fault.
+    let second_fault = recs
+        .iter()
+        .position(|r| r.kind == CopyKind::Fault && page_of(&s, r.runtime) == pages as u64 - 1)
+        .expect("the last page was faulted");
+    let bg: Vec<u64> = recs[..second_fault]
+        .iter()
+        .filter(|r| r.kind == CopyKind::Background)
+        .map(|r| r.pages)
+        .collect();
+    let expect: Vec<u64> = (1..=bg.len() as u64).map(|i| (16 * i).min(1024)).collect();
+    assert_eq!(bg, expect, "16, 32, 48 … pages (the first fault was before the finished word)");
+    let after = recs[second_fault + 1..]
+        .iter()
+        .find(|r| r.kind == CopyKind::Background)
+        .expect("background after the fault");
+    assert_eq!(after.pages, 16, "a fault resets the chunk to 64 KiB");
+    // Lowest address first: background records go up, except where a fault took a page.
+    let addrs: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.kind == CopyKind::Background)
+        .map(|r| r.runtime)
+        .collect();
+    assert!(addrs.windows(2).all(|w| w[0] < w[1]), "lowest address first");
+}
+
+#[test]
+fn criu_policy_finishes_tasks_one_after_another_and_default_interleaves() {
+    let _l = shared_lock();
+    for (policy, interleaved) in [(Policy::criu(), false), (Policy::default(), true)] {
+        let pages = 2048;
+        let mut s = setup("tasks", pages, pages as u64, &[(0, pages as u64, 0)], &[]);
+        s.cfg.policy = policy.with_fixed_chunk(64 * 1024);
+        s.cfg.policy.readahead = Readahead::OFF;
+        let log = with_log(&mut s);
+        let mut extra = add_task(&mut s, 999_971, pages as u64);
+        let h = s.start();
+        let mut criu = s.handoff();
+        let uffd = extra.uffd.take().expect("uffd");
+        criu.task(extra.pid, &uffd);
+        drop(uffd);
+        criu.finished();
+        let r = wait(h).expect("engine");
+        assert_eq!(r.totals.pages_background, 2 * pages as u64);
+        let order: Vec<usize> = records(&log)
+            .iter()
+            .filter(|r| r.kind == CopyKind::Background)
+            .map(|r| r.task)
+            .collect();
+        let switches = order.windows(2).filter(|w| w[0] != w[1]).count();
+        if interleaved {
+            assert!(switches > 8, "tasks interleave: {switches} switches");
+        } else {
+            assert_eq!(switches, 1, "task 0 entirely, then task 1");
+            assert_eq!(order[0], 0);
+        }
+        let mut buf = vec![0u8; P];
+        for p in (0..pages).step_by(97) {
+            extra.region.read(p * P, &mut buf);
+            assert!(check_page(&buf, p as u64), "second task, page {p}");
+        }
+    }
+}
+
+/// Windows align to absolute addresses: a region of `pages` + 16 pages, and the first region
+/// page whose address is 64 KiB aligned (the tests count pages from there).
+fn readahead_setup(
+    name: &str,
+    pages: usize,
+    mode: ReadaheadMode,
+    min: u32,
+    max: u32,
+) -> (Setup, usize) {
+    let n = pages + 16;
+    let mut s = setup(name, n, n as u64, &[(0, n as u64, 0)], &[]);
+    s.cfg.policy = Policy::default();
+    s.cfg.policy.readahead = Readahead {
+        mode,
+        min_pages: min,
+        max_pages: max,
+        align: true,
+    };
+    let k = (16 - (s.region.addr() / PAGE_SIZE % 16) as usize) % 16;
+    (s, k)
+}
+
+#[test]
+fn readahead_installs_the_window_and_adapts_to_sequential_and_random_faults() {
+    let _l = shared_lock();
+    let (mut s, k) = readahead_setup("ra", 512, ReadaheadMode::Adaptive, 4, 16);
+    let log = with_log(&mut s);
+    let h = s.start();
+    let mut criu = s.handoff();
+    // A sequential scan: windows of 4, 8, 16, 16 pages (aligned), each fault the first page
+    // after the previous window.
+    for (fault, window) in [(6usize, 4..8usize), (8, 8..16), (16, 16..32), (32, 32..48)] {
+        assert!(check_page(&s.touch(k + fault), (k + fault) as u64));
+        for p in window {
+            // Already there: no new fault.
+            assert!(check_page(&s.touch(k + p), (k + p) as u64), "page {p}");
+        }
+    }
+    // Random faults halve the window: 8, 4, 4.
+    for fault in [300usize, 100, 200] {
+        assert!(check_page(&s.touch(k + fault), (k + fault) as u64));
+    }
+    criu.finished();
+    let r = wait(h).expect("engine");
+    let t = &r.tasks[0];
+    assert_eq!(t.faults, 7, "touching the rest of each window did not fault");
+    assert_eq!(t.pages_fault, 7);
+    assert_eq!(t.pages_readahead, (4 + 8 + 16 + 16 + 8 + 4 + 4) - 7);
+    assert_eq!(
+        t.bytes_copied,
+        (t.pages_fault + t.pages_readahead + t.pages_background) * PAGE_SIZE
+    );
+    assert_eq!(t.pages_fault + t.pages_readahead + t.pages_background, 512 + 16);
+    let windows: Vec<(u64, u64)> = records(&log)
+        .iter()
+        .filter(|r| matches!(r.kind, CopyKind::Fault | CopyKind::Readahead))
+        .map(|r| (page_of(&s, r.runtime) - k as u64, r.pages))
+        .collect();
+    assert_eq!(
+        windows,
+        [(4, 4), (8, 8), (16, 16), (32, 16), (296, 8), (100, 4), (200, 4)]
+    );
+    let mut buf = vec![0u8; P];
+    for p in 0..512 + 16 {
+        s.region.read(p * P, &mut buf);
+        assert!(check_page(&buf, p as u64), "page {p}");
+    }
+}
+
+#[test]
+fn a_window_of_several_runs_is_woken_once_and_nobody_stays_blocked() {
+    let _l = shared_lock();
+    let (mut s, k) = readahead_setup("dontwake", 64, ReadaheadMode::Fixed, 16, 16);
+    // Pages 8..10 are dropped (MADV_DONTNEED) first: the window [0, 16) is two runs, copied
+    // with DONTWAKE and woken with one UFFDIO_WAKE.
+    let log = with_log(&mut s);
+    let h = s.start();
+    let mut criu = s.handoff();
+    let r = Arc::clone(&s.region);
+    bounded(10, "madvise", move || r.dontneed((k + 8) * P, 3 * P)).expect("MADV_DONTNEED");
+    // Eight threads fault inside the window at once; every one must come back.
+    let region = Arc::clone(&s.region);
+    let got = bounded(10, "eight touchers", move || {
+        let threads: Vec<_> = [1usize, 2, 3, 6, 7, 12, 14, 15]
+            .into_iter()
+            .map(|p| {
+                let (r, p) = (Arc::clone(&region), p + k);
+                std::thread::spawn(move || {
+                    let mut b = vec![0u8; P];
+                    r.read(p * P, &mut b);
+                    (p, check_page(&b, p as u64))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("toucher"))
+            .collect::<Vec<_>>()
+    });
+    assert!(got.iter().all(|&(_, ok)| ok), "{got:?}");
+    criu.finished();
+    let rep = wait(h).expect("engine");
+    let t = &rep.tasks[0];
+    assert_eq!(t.pages_dropped, 3);
+    let runs: Vec<(u64, u64)> = records(&log)
+        .iter()
+        .filter(|r| matches!(r.kind, CopyKind::Fault | CopyKind::Readahead))
+        .map(|r| (page_of(&s, r.runtime) - k as u64, r.pages))
+        .collect();
+    assert_eq!(runs, [(0, 8), (11, 5)], "two runs around the dropped pages, one window");
+    assert!(s.touch(k + 9).iter().all(|&b| b == 0), "dropped pages read zero");
+}
+
+#[test]
+fn prefetch_pages_come_first_in_their_order_before_any_background() {
+    let _l = shared_lock();
+    for thread in [CopyThread::Loop, CopyThread::Copier] {
+        let pages = 1024u64;
+        let mut s = setup("prefetch", pages as usize, pages, &[(0, pages, 0)], &[]);
+        s.cfg.policy = Policy::default().with_fixed_chunk(64 * 1024);
+        s.cfg.policy.background.thread = thread;
+        let base = s.region.addr();
+        let range = |page: u64, n: u64| PrefetchRange {
+            start: base + page * PAGE_SIZE,
+            pages: n,
+        };
+        s.cfg.policy.prefetch = vec![PrefetchPlan {
+            pid: sys::getpid(),
+            ranges: vec![range(700, 40), range(5, 3), range(300, 2)],
+        }];
+        let log = with_log(&mut s);
+        let h = s.start();
+        let mut criu = s.handoff();
+        criu.finished();
+        let r = wait(h).expect("engine");
+        let t = &r.tasks[0];
+        assert_eq!((t.pages_prefetch, t.pages_background), (45, pages - 45), "{thread:?}");
+        let pre = r.timeline.prefetch_done_us.expect("prefetch done");
+        assert!(r.timeline.finished_us <= Some(pre) && Some(pre) <= r.timeline.done_us);
+        let recs = records(&log);
+        let first_bg = recs
+            .iter()
+            .position(|r| r.kind == CopyKind::Background)
+            .expect("background");
+        let pre: Vec<(u64, u64)> = recs[..first_bg]
+            .iter()
+            .map(|r| {
+                assert_eq!(r.kind, CopyKind::Prefetch);
+                (page_of(&s, r.runtime), r.pages)
+            })
+            .collect();
+        assert_eq!(pre, [(700, 16), (716, 16), (732, 8), (5, 3), (300, 2)], "{thread:?}");
+        assert!(recs[first_bg..].iter().all(|r| r.kind == CopyKind::Background));
+        let mut buf = vec![0u8; P];
+        for p in 0..pages as usize {
+            s.region.read(p * P, &mut buf);
+            assert!(check_page(&buf, p as u64), "page {p}");
+        }
+    }
+}
+
+#[test]
+fn fault_traces_keep_first_need_order_in_image_addresses() {
+    let _l = shared_lock();
+    let mut s = setup("trace", 64, 64, &[(0, 64, 0)], &[]);
+    s.cfg.policy.record_faults = true;
+    let h = s.start();
+    let mut criu = s.handoff();
+    for p in [7usize, 3, 9, 3] {
+        assert!(check_page(&s.touch(p), p as u64));
+    }
+    assert!(h.stats().fault_traces.is_empty(), "traces are for the report only");
+    criu.finished();
+    let r = wait(h).expect("engine");
+    assert_eq!(r.fault_traces.len(), 1);
+    let tr = &r.fault_traces[0];
+    let base = s.region.addr();
+    let pages: Vec<u64> = tr.faults.iter().map(|f| (f.addr - base) / PAGE_SIZE).collect();
+    assert_eq!(pages, [7, 3, 9], "each page once, in first-need order");
+    assert!(tr.faults.windows(2).all(|w| w[0].at_us <= w[1].at_us));
+    assert_eq!(tr.truncated, 0);
+}
+
+#[test]
+fn faults_are_served_while_the_copier_runs_a_chunk_without_waiting_for_it() {
+    let _l = shared_lock();
+    // One 32 MiB job: the copier copies it in 256 KiB pieces.
+    let pages = 8192u64;
+    let mut s = setup("copier", pages as usize, pages, &[(0, pages, 0)], &[]);
+    s.cfg.policy = Policy::default().with_fixed_chunk(32 << 20);
+    s.cfg.policy.readahead = Readahead::OFF;
+    let log = with_log(&mut s);
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.finished();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while records(&log).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the copier never started");
+        std::thread::yield_now();
+    }
+    let last = pages as usize - 1;
+    assert!(check_page(&s.touch(last), last as u64));
+    let r = wait(h).expect("engine");
+    let t = &r.tasks[0];
+    assert_eq!((t.pages_fault, t.pages_background), (1, pages - 1));
+    let recs = records(&log);
+    let fault = recs
+        .iter()
+        .position(|r| r.kind == CopyKind::Fault)
+        .expect("the fault was served from the source");
+    assert!(
+        recs[fault + 1..].iter().any(|r| r.kind == CopyKind::Background),
+        "the job was still running when the fault was served"
+    );
+    assert!(
+        !recs
+            .iter()
+            .filter(|r| r.kind == CopyKind::Background)
+            .any(|r| page_of(&s, r.runtime) <= last as u64
+                && (last as u64) < page_of(&s, r.runtime) + r.pages),
+        "the faulted page was cut out of the copier's job"
+    );
+}
+
+#[test]
+fn pages_removed_while_the_copier_holds_them_read_zero() {
+    let _l = shared_lock();
+    let pages = 8192u64;
+    let mut s = setup("copier-rm", pages as usize, pages, &[(0, pages, 0)], &[]);
+    s.cfg.policy = Policy::default().with_fixed_chunk(32 << 20);
+    let log = with_log(&mut s);
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.finished();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while records(&log).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the copier never started");
+        std::thread::yield_now();
+    }
+    let r = Arc::clone(&s.region);
+    let at = pages as usize - 512;
+    bounded(10, "madvise", move || r.dontneed(at * P, 256 * P)).expect("MADV_DONTNEED");
+    let rep = wait(h).expect("engine");
+    let t = &rep.tasks[0];
+    assert_eq!(
+        t.pages_background + t.pages_dropped + t.pages_present,
+        pages,
+        "{t:?}"
+    );
+    let mut buf = vec![0u8; P];
+    for p in 0..pages as usize {
+        s.region.read(p * P, &mut buf);
+        if (at..at + 256).contains(&p) {
+            assert!(buf.iter().all(|&b| b == 0), "removed page {p} reads zero");
+        } else {
+            assert!(check_page(&buf, p as u64), "page {p}");
+        }
+    }
+}
