@@ -120,6 +120,8 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
     )
     .option('--record-profile <file>', 'record the order pages were first needed (per process) into FILE; this run serves without readahead')
     .option('--profile <file>', 'prefetch the working set recorded in FILE first, in its order (ignored with a warning if recorded on other images)')
+    // Hidden: only for tests that show what happens without the guardian (zero pages).
+    .addOption(new Option('--no-guardian', 'run without lazy-restore-guardian (unsafe: see below)').hideHelp())
     .addHelpText(
       'after',
       '\nPolicies:\n' + POLICIES.map((p) => `  ${p.name.padEnd(8)} ${p.summary}`).join('\n') + '\n',
@@ -131,8 +133,11 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
         'It serves faults first and copies the rest in the background after criu says the restore\n' +
         'finished, then exits 0 once every page is in (or its process exited). On a fatal error\n' +
         '(unreadable images, a failed copy) it kills the restored tree before exiting 1, so no\n' +
-        'process runs on memory that was not restored. SIGINT/SIGTERM: finish the transfer at full\n' +
-        'speed and exit 0; a second signal kills the restored tree and exits 1.',
+        'process runs on memory that was not restored. If this daemon itself dies or is killed\n' +
+        'mid-transfer, its guardian process (lazy-restore-guardian, which holds the userfaultfds\n' +
+        'too) kills the restored tree instead of letting it run on zero pages. SIGINT/SIGTERM:\n' +
+        'finish the transfer at full speed and exit 0; a second signal kills the restored tree and\n' +
+        'exits 1.',
     )
     .action(async (opts: ServeCliOptions) => {
       await serveCommand(opts, out);
@@ -194,6 +199,8 @@ interface ServeCliOptions {
   policy: string;
   profile?: string;
   recordProfile?: string;
+  /** false with the hidden --no-guardian. */
+  guardian: boolean;
 }
 
 function parseIntArg(v: string): number {
@@ -230,10 +237,12 @@ async function serveCommand(opts: ServeCliOptions, out: (s: string) => void): Pr
       policy: opts.policy,
       profile: opts.profile,
       recordProfile: opts.recordProfile,
+      guardian: opts.guardian,
     });
   } catch (e) {
     fail(e);
   }
+  if (!opts.guardian) log(1, 'warning: running without a guardian: if this daemon dies mid-transfer, the restored processes read zero pages');
   if (opts.pidfile) writeFileSync(resolve(workDir, opts.pidfile), `${process.pid}\n`);
   log(2, `listening on ${daemon.socketPath}: ${daemon.plan.tasks.length} tasks, ${daemon.plan.pages} lazy pages from ${daemon.images.dir}, policy ${daemon.policy.name}`);
   if (daemon.prefetch?.pages) log(2, `profile ${opts.profile}: prefetching ${daemon.prefetch.pages} pages first`);

@@ -13,7 +13,7 @@ import { EventEmitter } from 'node:events';
 import { resolve, join } from 'node:path';
 import { readImages } from '../criu/images.js';
 import type { ImageSet } from '../criu/types.js';
-import { native } from '../native.js';
+import { guardianPath, native } from '../native.js';
 import { planFromImages, type TransferPlan } from './plan.js';
 import { policyByName } from '../policy/builtin.js';
 import type { Policy } from '../policy/types.js';
@@ -46,6 +46,13 @@ export interface ServeOptions {
    * serves faults without readahead so that every first touch is seen.
    */
   recordProfile?: string;
+  /**
+   * Start `lazy-restore-guardian` with the engine (default true). It holds every userfaultfd
+   * too: if this process dies or is killed mid-transfer, the guardian kills the restored tree
+   * instead of letting it run on zero pages. `false` runs without it (tests of exactly that).
+   * No guardian runs when killOnFatal is false: killing is all it does.
+   */
+  guardian?: boolean;
 }
 
 /** Failure of a serve run. `code` is stable (e.g. HANDOFF_UNKNOWN_PID, SOURCE_SHORT_READ). */
@@ -96,7 +103,10 @@ export interface ServeHandle extends EventEmitter<ServeEvents> {
 
 const SOCKET_NAME = 'lazy-pages.socket';
 
-/** Starts serving. Throws (synchronously) on bad images or when the socket cannot be bound. */
+/**
+ * Starts serving. Throws (synchronously) on bad images, when the socket cannot be bound, and
+ * (NativeBindingError) when the binding or the guardian is not built.
+ */
 export function serve(options: ServeOptions): ServeHandle {
   const images = options.images ?? readImages(options.imagesDir);
   const plan = planFromImages(images);
@@ -115,6 +125,8 @@ export function serve(options: ServeOptions): ServeHandle {
   const socketPath = join(resolve(options.workDir ?? options.imagesDir), SOCKET_NAME);
   const emitter = new EventEmitter<ServeEvents>();
   const binding = native();
+  const killOnFatal = options.killOnFatal ?? true;
+  const guardian = options.guardian !== false && killOnFatal ? guardianPath() : undefined;
   type NativeConfig = Parameters<typeof binding.NativeEngine.start>[0];
   let engine: InstanceType<typeof binding.NativeEngine>;
   try {
@@ -127,8 +139,9 @@ export function serve(options: ServeOptions): ServeHandle {
         })),
         chunkBytes: options.chunkBytes,
         allowedUids: options.allowedUids,
-        killOnFatal: options.killOnFatal ?? true,
+        killOnFatal,
         progressIntervalMs: options.progressIntervalMs,
+        guardianPath: guardian,
         policy: {
           name: policy.name,
           readahead: policy.readahead,

@@ -34,6 +34,7 @@
 
 use crate::sys;
 use crate::tree::{self, HostProc};
+use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -145,9 +146,12 @@ impl Record {
         };
         let magic = u32_at(0);
         if magic != MAGIC {
-            return Err(format!("a record with magic {magic:#010x} (expected {MAGIC:#010x})"));
+            return Err(format!(
+                "a record with magic {magic:#010x} (expected {MAGIC:#010x})"
+            ));
         }
-        let kind = Kind::of(u32_at(4)).ok_or_else(|| format!("a record of unknown kind {}", u32_at(4)))?;
+        let kind =
+            Kind::of(u32_at(4)).ok_or_else(|| format!("a record of unknown kind {}", u32_at(4)))?;
         Ok(Self {
             kind,
             image_pid: u32_at(8) as i32,
@@ -179,7 +183,11 @@ impl fmt::Display for GuardianError {
                 write!(f, "cannot start the guardian {}: {source}", path.display())
             }
             Self::Handshake { path, reason } => {
-                write!(f, "the guardian {} did not start properly: {reason}", path.display())
+                write!(
+                    f,
+                    "the guardian {} did not start properly: {reason}",
+                    path.display()
+                )
             }
         }
     }
@@ -221,10 +229,16 @@ pub struct GuardianLink {
 }
 
 impl GuardianLink {
-    /// Starts the guardian binary at `path` (stderr inherited, so its one line lands where
-    /// the daemon's errors go) and waits for its HELLO.
+    /// Starts the guardian binary at `path` with our stderr, so its one line lands where the
+    /// daemon's errors go, and waits for its HELLO.
     pub fn spawn(path: &Path) -> Result<Self, GuardianError> {
-        Self::spawn_with(path, Stdio::inherit())
+        // Not `Stdio::inherit()`: Node marks its stdio close-on-exec, so an inherited fd 2
+        // would arrive closed. A dup is installed as the child's fd 2 without that flag.
+        let stderr = io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_or_else(|_| Stdio::null(), Stdio::from);
+        Self::spawn_with(path, stderr)
     }
 
     /// [`GuardianLink::spawn`] with the guardian's stderr going to `stderr` (tests capture
@@ -241,7 +255,8 @@ impl GuardianLink {
             .stdout(Stdio::null())
             .stderr(stderr)
             .current_dir("/");
-        let child = sys::spawn_with_fd3_in_new_session(&mut cmd, theirs.as_fd()).map_err(spawn_err)?;
+        let child =
+            sys::spawn_with_fd3_in_new_session(&mut cmd, theirs.as_fd()).map_err(spawn_err)?;
         // Only the guardian may hold that end: if we kept it, the guardian's death would
         // never show here as EPIPE.
         drop(theirs);
@@ -438,15 +453,18 @@ struct Guardian {
     daemon_pid: u32,
     watched: Vec<Watched>,
     /// Descendants of watched tasks seen at the last refreshes (identity-checked).
-    known: Vec<HostProc>,
+    known: HashSet<HostProc>,
     /// Pages missing at the engine's last PENDING.
     pending: Option<u64>,
     last_refresh: Instant,
 }
 
 fn say(msg: &str) {
-    // Nowhere to report a failed write to stderr; the exit status still tells.
-    let _ = writeln!(io::stderr().lock(), "lazy-restore-guardian: {msg}");
+    // One write(2) for the whole line (stderr is unbuffered: `writeln!` would issue one per
+    // piece, and a reader could see half a line). Nowhere to report a failed write to
+    // stderr; the exit status still tells.
+    let line = format!("lazy-restore-guardian: {msg}\n");
+    let _ = io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// The guardian process's main: expects the engine's socket as fd 3, says HELLO, then holds
@@ -461,7 +479,10 @@ pub fn run() -> i32 {
         if kind == libc::SOCK_SEQPACKET {
             Ok(fd)
         } else {
-            Err(io::Error::new(io::ErrorKind::InvalidInput, "not a SOCK_SEQPACKET socket"))
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a SOCK_SEQPACKET socket",
+            ))
         }
     }) {
         Ok(s) => s,
@@ -483,7 +504,7 @@ pub fn run() -> i32 {
         sock,
         daemon_pid: std::os::unix::process::parent_id(),
         watched: Vec::new(),
-        known: Vec::new(),
+        known: HashSet::new(),
         pending: None,
         last_refresh: Instant::now(),
     };
@@ -504,8 +525,11 @@ impl Guardian {
             if !self.watched.is_empty() && self.last_refresh.elapsed() >= REFRESH {
                 self.refresh();
             }
-            let wait = REFRESH.saturating_sub(self.last_refresh.elapsed());
-            match sys::wait_readable(self.sock.as_fd(), Some(wait)) {
+            // Nothing watched, nothing to refresh: sleep until the daemon says something (a
+            // timeout here would spin, as `last_refresh` only moves while watching).
+            let wait = (!self.watched.is_empty())
+                .then(|| REFRESH.saturating_sub(self.last_refresh.elapsed()));
+            match sys::wait_readable(self.sock.as_fd(), wait) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => return self.end(Ending::Kill(Cause::Broken(e))),
@@ -572,7 +596,6 @@ impl Guardian {
     /// Resolves hand-off tasks the engine could not, and remembers every live descendant of
     /// the watched tasks (forgetting those that are gone).
     fn refresh(&mut self) {
-        self.last_refresh = Instant::now();
         for w in &mut self.watched {
             if w.host.is_none() && w.child_index == 0 {
                 w.host = tree::resolve(w.peer_pid, w.image_pid);
@@ -581,12 +604,10 @@ impl Guardian {
         self.known.retain(|p| p.is_same());
         let roots: Vec<HostProc> = self.watched.iter().filter_map(|w| w.host).collect();
         for root in roots {
-            for d in tree::descendants(&root) {
-                if !self.known.contains(&d) {
-                    self.known.push(d);
-                }
-            }
+            self.known.extend(tree::descendants(&root));
         }
+        // Stamped after the walk: a huge tree still gets a full REFRESH of rest in between.
+        self.last_refresh = Instant::now();
     }
 
     fn end(&mut self, how: Ending) -> i32 {
@@ -619,7 +640,10 @@ impl Guardian {
             "no restored process was left to kill".to_string()
         } else {
             let pids: Vec<String> = killed.iter().map(|p| p.to_string()).collect();
-            format!("killed pids {} so they never run on zero pages", pids.join(" "))
+            format!(
+                "killed pids {} so they never run on zero pages",
+                pids.join(" ")
+            )
         };
         let unresolved: Vec<String> = self
             .watched
@@ -661,6 +685,8 @@ mod tests {
         assert!(Record::decode(&bad).unwrap_err().contains("magic"));
         let mut bad = b;
         bad[4..8].copy_from_slice(&77u32.to_ne_bytes());
-        assert!(Record::decode(&bad).unwrap_err().contains("unknown kind 77"));
+        assert!(Record::decode(&bad)
+            .unwrap_err()
+            .contains("unknown kind 77"));
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 
 /// A process identified robustly against pid reuse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HostProc {
     /// Pid in our pid namespace.
     pub pid: i32,
