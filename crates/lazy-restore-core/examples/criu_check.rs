@@ -5,6 +5,8 @@
 //!
 //! `criu_check CRIU_ADDR OUR_ADDR PID START:PAGES[,START:PAGES...] [--criu-42]`
 
+#![allow(clippy::print_stdout)] // a measuring tool: printing its numbers is the point
+
 use lazy_restore_core::remote::client::{ClientOptions, UrgentClient};
 use lazy_restore_core::remote::criu::{CriuClient, HeaderLayout, LazyTask};
 

@@ -8,6 +8,8 @@
 //! remote_bench ps-all ADDR:PORT [TOKEN]        # stream everything; pages per pid (any server)
 //! ```
 
+#![allow(clippy::print_stdout)] // a measuring tool: printing its numbers is the point
+
 use lazy_restore_core::plan::{RangePlan, TaskPlan};
 use lazy_restore_core::remote::client::{BulkClient, BulkEvent, ClientOptions, UrgentClient};
 use lazy_restore_core::remote::protocol::{StreamMode, PAGE};
@@ -135,7 +137,7 @@ fn ps_client(addr: &str, pages: u64) {
             let mut b = BulkClient::connect(ob).expect("bulk");
             let id = b.stream(StreamMode::All, vec![]).expect("stream");
             loop {
-                match b.next().expect("next") {
+                match b.next_event().expect("next") {
                     BulkEvent::End { id: i, .. } if i == id => break,
                     _ => {}
                 }
@@ -169,7 +171,7 @@ fn ps_client(addr: &str, pages: u64) {
         let id = b.stream(StreamMode::All, vec![]).expect("stream");
         let mut n = 0u64;
         loop {
-            match b.next().expect("next") {
+            match b.next_event().expect("next") {
                 BulkEvent::Chunk { data, .. } => n += data.len() as u64,
                 BulkEvent::End { id: i, .. } if i == id => break,
                 _ => {}
@@ -201,7 +203,7 @@ fn ps_all(addr: &str, token: Option<&String>) {
     let id = b.stream(StreamMode::All, vec![]).expect("stream");
     let mut per: std::collections::BTreeMap<i32, u64> = Default::default();
     loop {
-        match b.next().expect("next") {
+        match b.next_event().expect("next") {
             BulkEvent::Chunk { run, .. } => *per.entry(run.pid).or_default() += u64::from(run.pages),
             BulkEvent::End { id: i, .. } if i == id => break,
             other => println!("{other:?}"),

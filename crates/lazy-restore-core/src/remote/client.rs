@@ -393,7 +393,7 @@ impl BulkClient {
     }
 
     /// The next event; reconnects and resumes within the grace period.
-    pub fn next(&mut self) -> Result<BulkEvent, RemoteError> {
+    pub fn next_event(&mut self) -> Result<BulkEvent, RemoteError> {
         let mut outage = Outage::new();
         loop {
             let addr = self.opts.addr.clone();
@@ -492,7 +492,7 @@ impl LazySource {
         let mut got = IntervalSet::new();
         let id = bulk.stream(StreamMode::List, vec![PageRun { pid, addr, pages: pages as u32 }])?;
         loop {
-            match bulk.next()? {
+            match bulk.next_event()? {
                 BulkEvent::Chunk { id: cid, run, data } if cid == id && run.pid == pid => {
                     let a = run.addr.max(addr);
                     let b = (run.addr + data.len() as u64).min(end);

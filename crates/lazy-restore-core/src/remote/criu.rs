@@ -52,7 +52,7 @@ pub struct PsIov {
 
 impl HeaderLayout {
     /// Header size in bytes.
-    pub fn len(self) -> usize {
+    pub fn header_len(self) -> usize {
         match self {
             Self::Criu41 => 24,
             Self::Criu42 => 32,
@@ -75,7 +75,7 @@ impl HeaderLayout {
         b
     }
 
-    /// Decodes a header of [`len`](Self::len) bytes.
+    /// Decodes a header of [`header_len`](Self::header_len) bytes.
     pub fn decode(self, b: &[u8]) -> PsIov {
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let u64_at = |i: usize| {
@@ -161,7 +161,7 @@ impl CriuClient {
                 last: "the session already ended".into(),
             });
         }
-        let hl = self.layout.len();
+        let hl = self.layout.header_len();
         let mut done = 0u64;
         while done < pages {
             let vaddr = addr + done * PAGE;

@@ -124,7 +124,7 @@ fn urgent_fetches_pages_and_reports_missing_ones() {
 fn drain(b: &mut BulkClient, id: u32) -> Vec<(PageRun, Vec<u8>)> {
     let mut out = Vec::new();
     loop {
-        match b.next().unwrap() {
+        match b.next_event().unwrap() {
             BulkEvent::Chunk { id: i, run, data } if i == id => out.push((run, data)),
             BulkEvent::End { id: i, .. } if i == id => return out,
             other => panic!("unexpected {other:?}"),
@@ -186,7 +186,7 @@ fn bulk_profile_first_then_rest_skip_and_cancel() {
     let id = b.stream(StreamMode::All, vec![]).unwrap();
     b.cancel(id).unwrap();
     loop {
-        match b.next().unwrap() {
+        match b.next_event().unwrap() {
             BulkEvent::End { id: i, .. } if i == id => break,
             BulkEvent::Chunk { .. } => {}
             other => panic!("{other:?}"),
@@ -280,7 +280,7 @@ fn clients_resume_after_the_server_drops_them_and_fail_typed_after_the_grace() {
     let mut seen = super::intervals::IntervalSet::new();
     let mut dropped = false;
     loop {
-        match b.next().unwrap() {
+        match b.next_event().unwrap() {
             BulkEvent::Chunk { run, data, .. } => {
                 check(run.pid, run.addr, &data);
                 seen.insert(run.pid, run.addr, run.addr + data.len() as u64);
@@ -343,7 +343,7 @@ fn fake_criu(fx: &Fixture, layout: HeaderLayout, clamp: u64) -> FakeCriu {
     let thread = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         let mut seen = Vec::new();
-        let mut h = vec![0u8; layout.len()];
+        let mut h = vec![0u8; layout.header_len()];
         loop {
             if s.read_exact(&mut h).is_err() {
                 return seen;
@@ -385,7 +385,7 @@ fn lazy_of(fx: &Fixture) -> Vec<LazyTask> {
 #[test]
 fn criu_41_client_continues_clamped_replies_and_closes_only_when_complete() {
     for layout in [HeaderLayout::Criu41, HeaderLayout::Criu42] {
-        let fx = fixture(&format!("criu{}", layout.len()));
+        let fx = fixture(&format!("criu{}", layout.header_len()));
         let fake = fake_criu(&fx, layout, 100);
         let c = CriuClient::connect(&fake.addr, layout, lazy_of(&fx)).unwrap();
         let src = CriuSource::new(c, vec![10, 11]);
