@@ -5,16 +5,18 @@
 //! [`Job`]; the copier copies it in pieces of at most [`COPIER_IOCTL_BYTES`] and hands it back
 //! with its counts through the loop's epoll (a byte on a socket pair).
 //!
-//! **Why the loop sometimes waits for one piece.** Reading a REMOVE, REMAP or UNMAP event
+//! **Faults never wait; events wait for one piece.** Reading a REMOVE, REMAP or UNMAP event
 //! completes it: the task goes on at once (zaps the pages, moves them). A COPY already running
 //! in the copier at that moment could then install old bytes into a page the task just
-//! dropped or moved in. So every copier ioctl runs under the slot lock, and the loop reads the
-//! userfaultfd of a task that has a job in flight only while it holds that lock
+//! dropped or moved in. So every copier ioctl runs under the slot lock, and the loop reads
+//! *events* of a task that has a job in flight only while it holds that lock
 //! ([`CopierHandle::hold`]), then fixes the jobs (cuts dropped pages, re-pends moved ones)
-//! before letting go. A fault therefore waits at most for the rest of one piece of the same
-//! task — never for a whole chunk, and never for a `pread` (done outside the lock). A fault on
-//! a page the copier has not reached yet is served by the loop itself: the page is cut out of
-//! the job under the lock.
+//! before letting go. *Faults* are read without the lock: the loop reads at most as many
+//! messages as the kernel says faults are queued (`Uffd::pending_faults`; `read(2)` returns
+//! queued faults before events, and the copier copies with DONTWAKE so it never dequeues a
+//! fault behind the loop's back). A fault on a page the copier has not reached yet is served
+//! by the loop itself from the source (whoever copies second gets EEXIST; the bytes are the
+//! same), so no fault ever waits for a piece, a chunk or a `pread`.
 
 use crate::ranges::PageSpan;
 use crate::source::{PageSource, SourceError};
@@ -29,10 +31,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Largest single UFFDIO_COPY of the copier: what a fault of the same task may wait for.
-/// 256 KiB: UFFDIO_COPY is within ~10% of its best from there up (limits.md, bulk_copy bench),
-/// and it takes ~60-90 µs.
-pub const COPIER_IOCTL_BYTES: u64 = 256 * 1024;
+/// Largest single UFFDIO_COPY of the copier: what a REMOVE/REMAP/UNMAP event of the same
+/// task may wait for (faults never wait for it). 1 MiB (~0.3 ms): in 2 GiB runs 64K/256K
+/// pieces gave 2.3-2.8 GB/s, 1M and 4M 2.8-3.0 (measure_policies, "sparse" and "ioctl").
+pub const COPIER_IOCTL_BYTES: u64 = 1024 * 1024;
+
+/// Measurement switch: `LAZY_RESTORE_COPIER_PRIO=idle` (SCHED_IDLE), `normal` (no change),
+/// anything else: nice 19.
+fn priority_idle() -> bool {
+    std::env::var("LAZY_RESTORE_COPIER_PRIO").is_ok_and(|v| v == "idle")
+}
 
 /// What installed a page (for the copy log and the per-kind counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +92,8 @@ pub(crate) enum JobError {
 /// Pages of one task for the copier, and what became of them.
 #[derive(Debug)]
 pub(crate) struct Job {
+    /// Unique per engine (the loop's bookkeeping refers to it).
+    pub id: u64,
     pub task: usize,
     pub kind: CopyKind,
     pub fd: Arc<OwnedFd>,
@@ -101,8 +111,15 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    pub fn new(task: usize, kind: CopyKind, fd: Arc<OwnedFd>, spans: VecDeque<PageSpan>) -> Self {
+    pub fn new(
+        id: u64,
+        task: usize,
+        kind: CopyKind,
+        fd: Arc<OwnedFd>,
+        spans: VecDeque<PageSpan>,
+    ) -> Self {
         Self {
+            id,
             task,
             kind,
             fd,
@@ -162,32 +179,37 @@ impl Job {
 
     /// Removes run-time `[start, end)` from the job; returns the removed pieces.
     fn cut(&mut self, start: u64, end: u64) -> Vec<PageSpan> {
-        let mut cut = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.spans.len());
-        for s in self.spans.drain(..) {
-            let (lo, hi) = (s.runtime, s.runtime + s.pages * PAGE_SIZE);
-            if hi <= start || lo >= end {
-                kept.push_back(s);
-                continue;
-            }
-            let piece = |from: u64, to: u64| PageSpan {
-                runtime: from,
-                image: s.image + (from - lo),
-                file: s.file,
-                offset: s.offset + (from - lo),
-                pages: (to - from) / PAGE_SIZE,
-            };
-            if lo < start {
-                kept.push_back(piece(lo, start));
-            }
-            cut.push(piece(lo.max(start), hi.min(end)));
-            if hi > end {
-                kept.push_back(piece(end, hi));
-            }
-        }
-        self.spans = kept;
-        cut
+        cut_spans(&mut self.spans, start, end)
     }
+}
+
+/// Removes run-time `[start, end)` from `spans`; returns the removed pieces.
+pub(crate) fn cut_spans(spans: &mut VecDeque<PageSpan>, start: u64, end: u64) -> Vec<PageSpan> {
+    let mut cut = Vec::new();
+    let mut kept = VecDeque::with_capacity(spans.len());
+    for s in spans.drain(..) {
+        let (lo, hi) = (s.runtime, s.runtime + s.pages * PAGE_SIZE);
+        if hi <= start || lo >= end {
+            kept.push_back(s);
+            continue;
+        }
+        let piece = |from: u64, to: u64| PageSpan {
+            runtime: from,
+            image: s.image + (from - lo),
+            file: s.file,
+            offset: s.offset + (from - lo),
+            pages: (to - from) / PAGE_SIZE,
+        };
+        if lo < start {
+            kept.push_back(piece(lo, start));
+        }
+        cut.push(piece(lo.max(start), hi.min(end)));
+        if hi > end {
+            kept.push_back(piece(end, hi));
+        }
+    }
+    *spans = kept;
+    cut
 }
 
 /// The queue shared by the loop and the copier; every copier ioctl runs while it is locked.
@@ -312,7 +334,14 @@ impl Copier {
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("lazy-restore-copier".into())
-            .spawn(move || run(&sh, &*source, &copy_log))?;
+            .spawn(move || {
+                // Background work: whoever else wants this CPU (the fault loop, the restored
+                // tasks) preempts the copier at once. Best effort.
+                if std::env::var("LAZY_RESTORE_COPIER_PRIO").map_or(true, |v| v != "normal") {
+                    let _ = crate::sys::lower_thread_priority(priority_idle(), 19);
+                }
+                run(&sh, &*source, &copy_log)
+            })?;
         Ok(Self {
             handle: CopierHandle(shared),
             thread: Some(thread),
@@ -369,7 +398,10 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
         let fd = Arc::clone(&job.fd);
         let mapped = source.mapped(span.file, span.offset, len);
         let result = match mapped {
-            Some(addr) => uffd::copy_from(fd.as_fd(), span.runtime, addr, len, false),
+            // DONTWAKE: a thread faulting in this piece stays queued until the loop reads its
+            // fault (and wakes it); so the loop's count of queued faults never shrinks behind
+            // its back (see `Uffd::pending_faults`).
+            Some(addr) => uffd::copy_from(fd.as_fd(), span.runtime, addr, len, true),
             None => {
                 // Read outside the lock, then make sure the loop did not change the job.
                 drop(g);
@@ -389,7 +421,7 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
                     });
                     continue;
                 }
-                uffd::copy(fd.as_fd(), span.runtime, &buf, false)
+                uffd::copy(fd.as_fd(), span.runtime, &buf, true)
             }
         };
         let Some(job) = g.active.as_mut() else {
@@ -479,6 +511,7 @@ mod tests {
             crate::sys::userfaultfd(libc::O_CLOEXEC).expect("userfaultfd (needs root)"),
         );
         let mut j = Job::new(
+            1,
             0,
             CopyKind::Background,
             fd,

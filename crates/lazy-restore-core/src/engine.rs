@@ -124,7 +124,7 @@ impl Engine {
             let c = Copier::start(
                 Arc::clone(&source),
                 poke_tx,
-                copier::COPIER_IOCTL_BYTES,
+                config.copier_ioctl_bytes,
                 config.copy_log.clone(),
             )
             .map_err(io_err("spawning the copier thread"))?;
@@ -333,6 +333,9 @@ struct Task {
     /// Jobs of this task queued or running in the copier, and their pages not accounted yet.
     jobs: u32,
     inflight: u64,
+    /// The loop's own record of what it handed the copier (job id, runs), so a fault on such
+    /// a page is served without asking the copier (whose lock the fault path never takes).
+    flying: Vec<(u64, VecDeque<PageSpan>)>,
     /// First-need order (policy `record_faults`).
     trace: Vec<TracedFault>,
     trace_truncated: u64,
@@ -353,6 +356,7 @@ impl Task {
             prefetch: VecDeque::new(),
             jobs: 0,
             inflight: 0,
+            flying: Vec::new(),
             trace: Vec::new(),
             trace_truncated: 0,
         }
@@ -480,6 +484,9 @@ struct FaultLoop {
     copier_rx: Option<UnixStream>,
     /// Jobs queued or running in the copier, all tasks; how many of them are prefetch.
     jobs: u32,
+    next_job: u64,
+    /// Per job in flight: pages faults took from it, and how many of those the loop copied.
+    taken: HashMap<u64, (u64, u64)>,
     prefetch_jobs: u32,
     /// Prefetch pages were given (so `prefetch_done_us` will be set).
     prefetch_planned: bool,
@@ -565,6 +572,8 @@ impl FaultLoop {
             copier_handle: None,
             copier_rx: None,
             jobs: 0,
+            next_job: 0,
+            taken: HashMap::new(),
             prefetch_jobs: 0,
             prefetch_planned,
             series: Series::default(),
@@ -963,13 +972,67 @@ impl FaultLoop {
 
     fn on_uffd(&mut self, idx: usize) -> Result<(), EngineError> {
         let mut events = std::mem::take(&mut self.events);
-        let handle = self.held_copier(idx);
-        let mut hold = handle.as_ref().map(CopierHandle::hold);
-        let result = self.drain_uffd(idx, &mut events, hold.as_deref_mut());
-        drop(hold);
+        let result = match self.held_copier(idx) {
+            None => self.drain_uffd(idx, &mut events, None),
+            Some(handle) => self.drain_uffd_beside_copier(idx, &mut events, &handle),
+        };
         events.clear();
         self.events = events;
         result
+    }
+
+    /// Task `idx` has copier jobs in flight: read its queued faults without the copier's lock
+    /// (never more messages than faults are queued, so no event is consumed), serve them, and
+    /// only then read what is left (events) under the lock. See [`crate::copier`].
+    fn drain_uffd_beside_copier(
+        &mut self,
+        idx: usize,
+        events: &mut Vec<Event>,
+        handle: &CopierHandle,
+    ) -> Result<(), EngineError> {
+        loop {
+            let Some(uffd) = self.tasks.get_mut(idx).and_then(|t| t.uffd.as_mut()) else {
+                return Ok(());
+            };
+            let Ok(k) = uffd.pending_faults() else {
+                break;
+            };
+            if k == 0 {
+                break;
+            }
+            events.clear();
+            let n = uffd.read_at_most(events, k as usize).map_err(|source| {
+                let s = &self.tasks[idx].stats;
+                EngineError::UffdRead {
+                    pid: s.image_pid,
+                    child: s.child_index,
+                    source,
+                }
+            })?;
+            if n == 0 {
+                break;
+            }
+            let read_at = Instant::now();
+            self.dirty = true;
+            for ev in events.drain(..) {
+                if matches!(ev, Event::PageFault { .. }) {
+                    self.handle_event(idx, ev, read_at, None)?;
+                } else {
+                    // Cannot happen (see above); if it ever does, handle it under the lock.
+                    let mut hold = handle.hold();
+                    self.handle_event(idx, ev, read_at, Some(&mut hold))?;
+                }
+            }
+        }
+        let readable = self.tasks[idx]
+            .uffd
+            .as_ref()
+            .is_some_and(|u| sys::wait_readable(u.as_fd(), Some(Duration::ZERO)).unwrap_or(true));
+        if readable {
+            let mut hold = handle.hold();
+            self.drain_uffd(idx, events, Some(&mut hold))?;
+        }
+        Ok(())
     }
 
     fn drain_uffd(
@@ -1012,6 +1075,9 @@ impl FaultLoop {
 
     /// Drops copier pages of task `idx` in run-time `[start, end)` (the task dropped them).
     fn cut_dropped(&mut self, idx: usize, slot: Option<&mut copier::Slot>, start: u64, end: u64) {
+        for (_, spans) in &mut self.tasks[idx].flying {
+            copier::cut_spans(spans, start, end);
+        }
         let Some(slot) = slot else {
             return;
         };
@@ -1055,6 +1121,9 @@ impl FaultLoop {
                 self.cut_dropped(idx, slot.as_deref_mut(), to, to.saturating_add(len));
                 if let Some(slot) = slot {
                     let t = &mut self.tasks[idx];
+                    for (_, spans) in &mut t.flying {
+                        copier::cut_spans(spans, from, from.saturating_add(len));
+                    }
                     for mut piece in slot.cut(idx, from, from.saturating_add(len)) {
                         t.inflight -= piece.pages;
                         piece.runtime = to + (piece.runtime - from);
@@ -1216,15 +1285,12 @@ impl FaultLoop {
         read_at: Instant,
         slot: Option<&mut copier::Slot>,
     ) -> Result<(), EngineError> {
+        let _ = slot;
         let outcome = if let Some(span) = self.tasks[idx].ranges.pending_page(page) {
             self.copy_fault(idx, span)?
-        } else if let Some(span) =
-            slot.and_then(|s| s.cut(idx, page, page + PAGE_SIZE).into_iter().next())
-        {
-            // The copier has not reached it: the fault does not wait, it takes the page.
-            self.tasks[idx].inflight -= 1;
-            self.tasks[idx].ranges.insert_pending(span);
-            self.copy_fault(idx, span)?
+        } else if let Some((job, span)) = self.take_flying(idx, page) {
+            // Handed to the copier, maybe not copied yet: the fault does not wait for it.
+            self.copy_flying(idx, job, span)?
         } else {
             self.zero_fault(idx, page)?
         };
@@ -1241,6 +1307,54 @@ impl FaultLoop {
             Fill::Gone => self.task_exited(idx),
         }
         Ok(())
+    }
+
+    /// Removes `page` from what the loop handed the copier; returns its job and span.
+    fn take_flying(&mut self, idx: usize, page: u64) -> Option<(u64, PageSpan)> {
+        let t = &mut self.tasks[idx];
+        for (job, spans) in &mut t.flying {
+            let hit = spans
+                .iter()
+                .any(|s| s.runtime <= page && page < s.runtime + s.bytes());
+            if hit {
+                let span = copier::cut_spans(spans, page, page + PAGE_SIZE).pop()?;
+                t.inflight -= 1;
+                self.taken.entry(*job).or_default().0 += 1;
+                return Some((*job, span));
+            }
+        }
+        None
+    }
+
+    /// A fault on a page the copier holds: copy that page from the source right away (the
+    /// copier then finds it present, or it got there first and we only wake).
+    fn copy_flying(&mut self, idx: usize, job: u64, span: PageSpan) -> Result<Fill, EngineError> {
+        let (inst, fate) = self.install(idx, span, false, CopyKind::Fault, Some(span.runtime))?;
+        if inst.gone {
+            return Ok(Fill::Gone);
+        }
+        match fate {
+            Special::Installed => {
+                self.taken.entry(job).or_default().1 += 1;
+                self.record_fault(idx, span.image);
+                Ok(Fill::Done)
+            }
+            Special::Present => {
+                let woke = self.tasks[idx]
+                    .uffd
+                    .as_ref()
+                    .map(|u| u.wake(span.runtime, PAGE_SIZE));
+                Ok(match woke {
+                    Some(Err(CopyError::Gone)) => Fill::Gone,
+                    _ => Fill::Done,
+                })
+            }
+            Special::Untouched => {
+                // EAGAIN: make it pending again so the retry copies it.
+                self.tasks[idx].ranges.insert_pending(span);
+                Ok(Fill::Again)
+            }
+        }
     }
 
     fn uffd_error(
@@ -1501,9 +1615,7 @@ impl FaultLoop {
         }
         for r in std::mem::take(&mut self.retries) {
             if self.tasks[r.task].uffd.is_some() {
-                let handle = self.held_copier(r.task);
-                let mut hold = handle.as_ref().map(CopierHandle::hold);
-                self.serve_fault(r.task, r.page, r.read_at, hold.as_deref_mut())?;
+                self.serve_fault(r.task, r.page, r.read_at, None)?;
             }
         }
         Ok(())
@@ -1680,15 +1792,18 @@ impl FaultLoop {
                     _ => self.take_background(idx, Some(target - total)),
                 };
             }
+            let id = self.next_job;
+            self.next_job += 1;
             let t = &mut self.tasks[idx];
             t.inflight += total;
             t.jobs += 1;
+            t.flying.push((id, spans.clone()));
             self.jobs += 1;
             if kind == CopyKind::Prefetch {
                 self.prefetch_jobs += 1;
             }
             self.dirty = true;
-            handle.submit(Job::new(idx, kind, fd, spans));
+            handle.submit(Job::new(id, idx, kind, fd, spans));
         }
     }
 
@@ -1709,16 +1824,19 @@ impl FaultLoop {
             }
             self.dirty = true;
             let rest = job.remaining();
+            // Pages faults took from this job: the copier found those the loop copied present.
+            let (taken, taken_copied) = self.taken.remove(&job.id).unwrap_or_default();
             let t = &mut self.tasks[idx];
             t.jobs -= 1;
-            t.inflight -= job.installed + job.exists + job.dropped + rest;
+            t.flying.retain(|(id, _)| *id != job.id);
+            t.inflight -= (job.installed + job.exists + job.dropped + rest).saturating_sub(taken);
             let s = &mut t.stats;
             match job.kind {
                 CopyKind::Prefetch => s.pages_prefetch += job.installed,
                 _ => s.pages_background += job.installed,
             }
             s.bytes_copied += job.installed * PAGE_SIZE;
-            s.pages_present += job.exists;
+            s.pages_present += job.exists.saturating_sub(taken_copied);
             s.pages_dropped += job.dropped;
             s.eagain_retries += job.eagain;
             if !job.gone {

@@ -846,7 +846,8 @@ fn measure_fault_latency_and_background_throughput() {
 // ---- policies ---------------------------------------------------------------------------
 
 use crate::{
-    CopyKind, CopyLog, CopyRecord, CopyThread, Policy, PrefetchPlan, PrefetchRange, ReadaheadMode,
+    BackgroundOrder, CopyKind, CopyLog, CopyRecord, CopyThread, Policy, PrefetchPlan,
+    PrefetchRange, ReadaheadMode,
 };
 
 fn with_log(s: &mut Setup) -> CopyLog {
@@ -1256,6 +1257,452 @@ fn pages_removed_while_the_copier_holds_them_read_zero() {
             assert!(buf.iter().all(|&b| b == 0), "removed page {p} reads zero");
         } else {
             assert!(check_page(&buf, p as u64), "page {p}");
+        }
+    }
+}
+
+// ---- measurements (ignored; `cargo test --release -p lazy-restore-core --lib measure_policies
+// -- --ignored --nocapture`) -------------------------------------------------------------
+
+/// A page file shared by several measured engines (written once: 2 GiB takes a while).
+struct BigFile {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+fn big_file(pages: u64) -> BigFile {
+    let dir = TempDir::new("measure");
+    let path = dir.0.join("pages-1.img");
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).expect("create"));
+    for p in 0..pages {
+        // First and last word per page are enough to check placement.
+        let mut page = [0u8; P];
+        page[..8].copy_from_slice(&word(p, 0).to_ne_bytes());
+        page[P - 8..].copy_from_slice(&word(p, P / 8 - 1).to_ne_bytes());
+        f.write_all(&page).expect("write");
+    }
+    f.flush().expect("flush");
+    drop(f);
+    // Into the page cache: this measures the engine, not the disk.
+    let data = std::fs::File::open(&path).expect("open");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while std::os::unix::fs::FileExt::read_at(&data, &mut buf, off).unwrap_or(0) > 0 {
+        off += buf.len() as u64;
+    }
+    BigFile { _dir: dir, path }
+}
+
+struct Served {
+    region: Arc<Region>,
+    criu: Criu,
+    h: EngineHandle,
+    _dir: TempDir,
+}
+
+/// Reads the file so it is in the page cache (this VM's DAMON pages out cold page cache).
+fn warm(file: &BigFile) {
+    let data = std::fs::File::open(&file.path).expect("open");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while std::os::unix::fs::FileExt::read_at(&data, &mut buf, off).unwrap_or(0) > 0 {
+        off += buf.len() as u64;
+    }
+}
+
+fn serve_big(file: &BigFile, pages: u64, policy: Policy, mapped: bool) -> Served {
+    serve_big_with(file, pages, policy, mapped, crate::copier::COPIER_IOCTL_BYTES)
+}
+
+fn serve_big_with(file: &BigFile, pages: u64, policy: Policy, mapped: bool, ioctl: u64) -> Served {
+    warm(file);
+    let dir = TempDir::new("measure-sock");
+    let region = Region::map(pages as usize * P).expect("mmap");
+    let uffd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK).expect("userfaultfd");
+    sys::uffdio_api(&uffd, FEATURES).expect("api");
+    sys::uffdio_register(uffd.as_fd(), region.addr(), region.len() as u64, sys::REGISTER_MODE_MISSING)
+        .expect("register");
+    let mut cfg = EngineConfig::new(
+        dir.0.join("lazy-pages.socket"),
+        vec![TaskPlan {
+            pid: sys::getpid(),
+            ranges: vec![RangePlan {
+                start: region.addr(),
+                pages,
+                file: 0,
+                offset: 0,
+            }],
+        }],
+        vec![file.path.clone()],
+    );
+    cfg.kill_on_fatal = false;
+    cfg.policy = policy;
+    cfg.map_page_files = mapped;
+    cfg.copier_ioctl_bytes = ioctl;
+    let h = Engine::start(cfg, Box::new(|_| {})).expect("engine");
+    let mut criu = Criu::connect(&dir.0.join("lazy-pages.socket"));
+    criu.task(sys::getpid(), &uffd);
+    drop(uffd);
+    Served {
+        region: Arc::new(region),
+        criu,
+        h,
+        _dir: dir,
+    }
+}
+
+fn pct(v: &mut [u64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_unstable();
+    let at = |p: f64| v[((p * v.len() as f64) as usize).min(v.len() - 1)] as f64 / 1000.0;
+    (at(0.5), at(0.99), v[v.len() - 1] as f64 / 1000.0)
+}
+
+/// Touches `n` pages (random or sequential) and returns per-touch ns.
+fn toucher(region: &Arc<Region>, pages: u64, n: usize, seq: bool, stop: Option<Arc<std::sync::atomic::AtomicBool>>) -> Vec<u64> {
+    toucher_gap(region, pages, n, seq, stop, None)
+}
+
+/// [`toucher`] with a pause between touches (sporadic faults instead of a storm).
+fn toucher_gap(
+    region: &Arc<Region>,
+    pages: u64,
+    n: usize,
+    seq: bool,
+    stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    gap: Option<Duration>,
+) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n);
+    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ pages;
+    let mut b = [0u8; 8];
+    for i in 0..n {
+        if stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            break;
+        }
+        let p = if seq {
+            i as u64 % pages
+        } else {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % pages
+        };
+        // Only touches that fault are timed (as in limits.md).
+        let fault = !region.resident(p as usize * P);
+        let t = std::time::Instant::now();
+        region.read(p as usize * P, &mut b);
+        if fault {
+            out.push(t.elapsed().as_nanos() as u64);
+        }
+        if u64::from_ne_bytes(b) != word(p, 0) {
+            panic!("page {p} has the wrong bytes");
+        }
+        if let Some(g) = gap {
+            std::thread::sleep(g);
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore]
+fn measure_policies() {
+    let _l = FORK_LOCK.write().unwrap_or_else(|p| p.into_inner());
+    let which = std::env::var("MEASURE").unwrap_or_else(|_| "bulk,faults,readahead".into());
+    let gib2 = 512 * 1024u64; // 2 GiB in pages
+    let file = big_file(gib2);
+    let variants = |base: Policy| {
+        let mut v = Vec::new();
+        v.push(("criu (loop, 64K..4M)", Policy::criu()));
+        for (label, thread, chunk) in [
+            ("loop 256K", CopyThread::Loop, 256u64 << 10),
+            ("loop 1M", CopyThread::Loop, 1 << 20),
+            ("copier 256K", CopyThread::Copier, 256 << 10),
+            ("copier 1M", CopyThread::Copier, 1 << 20),
+            ("copier 4M", CopyThread::Copier, 4 << 20),
+            ("copier 16M", CopyThread::Copier, 16 << 20),
+        ] {
+            let mut p = base.clone().with_fixed_chunk(chunk);
+            p.background.thread = thread;
+            v.push((label, p));
+        }
+        v
+    };
+    let reps: usize = std::env::var("MEASURE_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    if which.contains("bulk") {
+        eprintln!("\n== full transfer of 2 GiB, no faults: GB/s = bytes / (done - finished), median [min-max] of {reps}, runs interleaved");
+        let mut rows: Vec<(String, Vec<f64>, Vec<u64>)> = Vec::new();
+        for _ in 0..reps {
+            let mut i = 0;
+            for mapped in [false, true] {
+                for (label, policy) in variants(Policy::default()) {
+                    let mut sv = serve_big(&file, gib2, policy, mapped);
+                    sv.criu.finished();
+                    let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
+                    let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
+                    let gbs = (gib2 * PAGE_SIZE) as f64 / us.max(1) as f64 / 1000.0;
+                    let name = format!("{label:<22} {}", if mapped { "mmap " } else { "pread" });
+                    if rows.len() <= i {
+                        rows.push((name, Vec::new(), Vec::new()));
+                    }
+                    rows[i].1.push(gbs);
+                    rows[i].2.push((r.cpu_time.user_us + r.cpu_time.sys_us) / 1000);
+                    i += 1;
+                }
+            }
+        }
+        for (name, mut v, cpu) in rows {
+            v.sort_by(|a, b| a.total_cmp(b));
+            eprintln!(
+                "{name} {:.2} [{:.2}-{:.2}] GB/s, engine-thread cpu ms {:?}",
+                v[v.len() / 2],
+                v[0],
+                v[v.len() - 1],
+                cpu
+            );
+        }
+    }
+    if which.contains("ioctl") {
+        eprintln!("\n== 2 GiB, no faults, mmap: GB/s median [min-max] of {reps}, interleaved");
+        let cases: [(&str, CopyThread, u64, u64); 6] = [
+            ("loop, 256K chunks", CopyThread::Loop, 256 << 10, 0),
+            ("loop, 1M chunks", CopyThread::Loop, 1 << 20, 0),
+            ("copier, 4M jobs, 256K pieces", CopyThread::Copier, 4 << 20, 256 << 10),
+            ("copier, 4M jobs, 1M pieces", CopyThread::Copier, 4 << 20, 1 << 20),
+            ("copier, 4M jobs, 4M pieces", CopyThread::Copier, 4 << 20, 4 << 20),
+            ("copier, 16M jobs, 1M pieces", CopyThread::Copier, 16 << 20, 1 << 20),
+        ];
+        let mut res = vec![Vec::new(); cases.len()];
+        for _ in 0..reps {
+            for (i, &(_, thread, chunk, piece)) in cases.iter().enumerate() {
+                let mut p = Policy::default().with_fixed_chunk(chunk);
+                p.background.thread = thread;
+                let mut sv = serve_big_with(&file, gib2, p, true, piece.max(4096));
+                sv.criu.finished();
+                let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
+                let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
+                res[i].push((gib2 * PAGE_SIZE) as f64 / us.max(1) as f64 / 1000.0);
+            }
+        }
+        for (i, v) in res.iter_mut().enumerate() {
+            v.sort_by(|a, b| a.total_cmp(b));
+            eprintln!("{:<30} {:.2} [{:.2}-{:.2}]", cases[i].0, v[v.len() / 2], v[0], v[v.len() - 1]);
+        }
+    }
+    if which.contains("copierfaults") {
+        let pages = 256 * 1024u64; // 1 GiB
+        eprintln!("\n== copier piece size with random faults until the background is done (1 GiB, 4 MiB jobs)");
+        for _ in 0..reps {
+            for ioctl in [64u64 << 10, 256 << 10, 1 << 20, 4 << 20] {
+                let mut p = Policy::default().with_fixed_chunk(4 << 20);
+                p.readahead = Readahead::OFF;
+                let mut sv = serve_big_with(&file, pages, p, true, ioctl);
+                sv.criu.finished();
+                let region = Arc::clone(&sv.region);
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let s2 = Arc::clone(&stop);
+                let t = std::thread::spawn(move || toucher(&region, pages, 1_000_000, false, Some(s2)));
+                let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
+                stop.store(true, Ordering::Relaxed);
+                let mut lat = t.join().expect("toucher");
+                let (p50, p99, max) = pct(&mut lat);
+                let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
+                eprintln!(
+                    "piece {:>5} KiB: faults {:>6} toucher p50 {p50:.1} p99 {p99:.1} max {max:.0} | bg {:.2} GB/s",
+                    ioctl >> 10,
+                    r.totals.faults,
+                    (pages * PAGE_SIZE) as f64 / us.max(1) as f64 / 1000.0
+                );
+            }
+        }
+    }
+    if which.contains("sparse") {
+        eprintln!("\n== sporadic faults (one every ~300 µs) during a 2 GiB background: toucher µs p50 / p99 / max, of {reps} runs pooled");
+        let cases: [(&str, CopyThread, u64, u64); 5] = [
+            ("loop, 256K chunks", CopyThread::Loop, 256 << 10, 4096),
+            ("copier, 4M jobs, 64K pieces", CopyThread::Copier, 4 << 20, 64 << 10),
+            ("copier, 4M jobs, 256K pieces", CopyThread::Copier, 4 << 20, 256 << 10),
+            ("copier, 4M jobs, 1M pieces", CopyThread::Copier, 4 << 20, 1 << 20),
+            ("copier, 4M jobs, 4M pieces", CopyThread::Copier, 4 << 20, 4 << 20),
+        ];
+        let mut lats = vec![Vec::new(); cases.len()];
+        let mut bws = vec![Vec::new(); cases.len()];
+        let mut idle = Vec::new();
+        for _ in 0..reps {
+            // Reference: the same sporadic toucher with nothing else running (faults only).
+            let mut p = Policy::default();
+            p.readahead = Readahead::OFF;
+            let sv = serve_big_with(&file, gib2, p, true, 1 << 20);
+            let region = Arc::clone(&sv.region);
+            idle.extend(toucher_gap(&region, gib2, 700, false, None, Some(Duration::from_micros(300))));
+            let mut h = sv.h;
+            h.abort("measured".into());
+            for (i, &(_, thread, chunk, piece)) in cases.iter().enumerate() {
+                let mut p = Policy::default().with_fixed_chunk(chunk);
+                p.background.thread = thread;
+                p.readahead = Readahead::OFF;
+                let mut sv = serve_big_with(&file, gib2, p, true, piece);
+                sv.criu.finished();
+                let region = Arc::clone(&sv.region);
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let s2 = Arc::clone(&stop);
+                let t = std::thread::spawn(move || {
+                    toucher_gap(&region, gib2, 1_000_000, false, Some(s2), Some(Duration::from_micros(300)))
+                });
+                let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
+                stop.store(true, Ordering::Relaxed);
+                lats[i].extend(t.join().expect("toucher"));
+                let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
+                bws[i].push((gib2 * PAGE_SIZE) as f64 / us.max(1) as f64 / 1000.0);
+                eprintln!(
+                    "  run: {} engine read->wake p50<={} p90<={} p99<={} max {} µs, per-cpu {:?}",
+                    cases[i].0,
+                    r.fault_latency.p50_us,
+                    r.fault_latency.p90_us,
+                    r.fault_latency.p99_us,
+                    r.fault_latency.max_us,
+                    r.faults_per_cpu
+                );
+            }
+        }
+        let (p50, p99, max) = pct(&mut idle);
+        eprintln!("{:<30} {:>5} faults p50 {p50:.1} p99 {p99:.1} max {max:.0}", "no background (faults only)", idle.len());
+        for (i, lat) in lats.iter_mut().enumerate() {
+            let (p50, p99, max) = pct(lat);
+            let v = &mut bws[i];
+            v.sort_by(|a, b| a.total_cmp(b));
+            eprintln!(
+                "{:<30} {:>5} faults p50 {p50:.1} p99 {p99:.1} max {max:.0} | bg {:.2} [{:.2}-{:.2}] GB/s",
+                cases[i].0,
+                lat.len(),
+                v[v.len() / 2],
+                v[0],
+                v[v.len() - 1]
+            );
+        }
+    }
+    if which.contains("faults,") || which.ends_with("faults") && !which.ends_with("copierfaults") {
+        let pages = 256 * 1024u64; // 1 GiB
+        eprintln!("\n== random faults, toucher-side round trip (µs p50 / p99 / max) and engine histogram");
+        // Faults only (before the finished word).
+        for (label, policy) in [("criu", Policy::criu()), ("default, readahead off", {
+            let mut p = Policy::default();
+            p.readahead = Readahead::OFF;
+            p
+        })] {
+            let sv = serve_big(&file, pages, policy, true);
+            let region = Arc::clone(&sv.region);
+            let mut lat = bounded(60, "touch", move || toucher(&region, pages, 20_000, false, None));
+            let (p50, p99, max) = pct(&mut lat);
+            let st = sv.h.stats();
+            let mut h = sv.h;
+            h.abort("measured".into());
+            eprintln!(
+                "faults-only {label:<24} toucher p50 {p50:.1} p99 {p99:.1} max {max:.0} | engine p50<={} p99<={} per-cpu {:?}",
+                st.fault_latency.p50_us, st.fault_latency.p99_us, st.faults_per_cpu
+            );
+        }
+        // While the background runs: faults until it is done.
+        for (label, policy) in variants(Policy::default()) {
+            let mut policy = policy;
+            policy.readahead = Readahead::OFF;
+            let mut sv = serve_big(&file, pages, policy, true);
+            sv.criu.finished();
+            let region = Arc::clone(&sv.region);
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = Arc::clone(&stop);
+            let t = std::thread::spawn(move || toucher(&region, pages, 1_000_000, false, Some(s2)));
+            let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
+            stop.store(true, Ordering::Relaxed);
+            let mut lat = t.join().expect("toucher");
+            let (p50, p99, max) = pct(&mut lat);
+            let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
+            eprintln!(
+                "with bg {label:<22} faults {:>6} toucher p50 {p50:.1} p99 {p99:.1} max {max:.0} | engine p50<={} p99<={} | bg {:.2} GB/s",
+                r.totals.faults,
+                r.fault_latency.p50_us,
+                r.fault_latency.p99_us,
+                (pages * PAGE_SIZE) as f64 / us.max(1) as f64 / 1000.0
+            );
+        }
+    }
+    if which.contains("order") {
+        let pages = 256 * 1024u64; // 1 GiB
+        eprintln!("\n== background order with a sequential scanner during a 1 GiB background (copier, 4 MiB jobs)");
+        for _ in 0..reps {
+            for order in [BackgroundOrder::LowestAddress, BackgroundOrder::NearFaults] {
+                let mut p = Policy::default().with_fixed_chunk(4 << 20);
+                p.background.order = order;
+                let mut sv = serve_big(&file, pages, p, true);
+                sv.criu.finished();
+                let region = Arc::clone(&sv.region);
+                // The scanner starts in the middle, where the lowest-address copier arrives last.
+                let t0 = std::time::Instant::now();
+                let t = std::thread::spawn(move || {
+                    let mut b = [0u8; 8];
+                    for p in pages / 2..pages {
+                        region.read(p as usize * P, &mut b);
+                        std::hint::black_box(&b);
+                    }
+                    t0.elapsed()
+                });
+                let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
+                let scan = t.join().expect("scanner");
+                let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
+                eprintln!(
+                    "{:<16} scan of 512 MiB {:>6.1} ms, {:>5} faults ({} pages by readahead) | all done in {} ms",
+                    order.as_str(),
+                    scan.as_secs_f64() * 1000.0,
+                    r.totals.faults,
+                    r.totals.pages_readahead,
+                    us / 1000
+                );
+            }
+        }
+    }
+    if which.contains("readahead") {
+        let pages = 64 * 1024u64; // 256 MiB
+        eprintln!("\n== readahead, faults only: sequential scan of 256 MiB, then 20000 random touches of another region");
+        for (label, mode, min, max) in [
+            ("off", ReadaheadMode::Off, 1, 1),
+            ("fixed 16", ReadaheadMode::Fixed, 16, 16),
+            ("adaptive 1..16", ReadaheadMode::Adaptive, 1, 16),
+            ("adaptive 4..16", ReadaheadMode::Adaptive, 4, 16),
+            ("adaptive 4..32", ReadaheadMode::Adaptive, 4, 32),
+            ("adaptive 4..64", ReadaheadMode::Adaptive, 4, 64),
+            ("adaptive 1..64", ReadaheadMode::Adaptive, 1, 64),
+            ("adaptive 2..256", ReadaheadMode::Adaptive, 2, 256),
+        ] {
+            let mut policy = Policy::default();
+            policy.readahead = Readahead {
+                mode,
+                min_pages: min,
+                max_pages: max,
+                align: true,
+            };
+            for seq in [true, false] {
+                let sv = serve_big(&file, pages, policy.clone(), true);
+                let region = Arc::clone(&sv.region);
+                let n = if seq { pages as usize } else { 20_000 };
+                let t0 = std::time::Instant::now();
+                let mut lat = bounded(120, "touch", move || toucher(&region, pages, n, seq, None));
+                let wall = t0.elapsed();
+                let st = sv.h.stats();
+                let mut h = sv.h;
+                h.abort("measured".into());
+                let (p50, p99, _) = pct(&mut lat);
+                eprintln!(
+                    "{label:<16} {:<10} {:>6} faults, {:>7.1} ms, touch p50 {p50:.1} p99 {p99:.1} µs | engine p50<={} p99<={} | {:.0} MB/s touched",
+                    if seq { "sequential" } else { "random" },
+                    st.totals.faults,
+                    wall.as_secs_f64() * 1000.0,
+                    st.fault_latency.p50_us,
+                    st.fault_latency.p99_us,
+                    (n as u64 * PAGE_SIZE) as f64 / wall.as_secs_f64() / 1e6,
+                );
+            }
         }
     }
 }

@@ -40,6 +40,10 @@ pub struct EngineConfig {
     /// Tests only: every install (task, kind, address, pages) is appended here.
     #[doc(hidden)]
     pub copy_log: Option<CopyLog>,
+    /// Largest single UFFDIO_COPY of the copier thread (what a fault may wait for); exposed
+    /// for measurements.
+    #[doc(hidden)]
+    pub copier_ioctl_bytes: u64,
 }
 
 impl EngineConfig {
@@ -57,6 +61,7 @@ impl EngineConfig {
             progress_interval: Duration::from_millis(100),
             guardian: None,
             copy_log: None,
+            copier_ioctl_bytes: crate::copier::COPIER_IOCTL_BYTES,
         }
     }
 }

@@ -88,6 +88,8 @@ impl CopyError {
 pub struct Uffd {
     /// Shared with the copier thread, which only copies into it.
     fd: Arc<OwnedFd>,
+    /// `/proc/self/fdinfo/<fd>`, opened on first use of [`Uffd::pending_faults`].
+    fdinfo: Option<std::fs::File>,
     buf: Box<[u8; sys::UFFD_MSG_SIZE * BATCH]>,
 }
 
@@ -97,6 +99,7 @@ impl Uffd {
         sys::set_nonblocking(fd.as_fd())?;
         Ok(Self {
             fd: Arc::new(fd),
+            fdinfo: None,
             buf: Box::new([0; sys::UFFD_MSG_SIZE * BATCH]),
         })
     }
@@ -109,7 +112,13 @@ impl Uffd {
     /// Reads every message available right now (up to one batch) into `out`. Returns the
     /// number of messages read; 0 when none is ready (EAGAIN) or the uffd reports EOF.
     pub fn read_events(&mut self, out: &mut Vec<Event>) -> io::Result<usize> {
-        let n = match sys::read(self.fd.as_fd(), &mut self.buf[..]) {
+        self.read_at_most(out, BATCH)
+    }
+
+    /// Like [`Uffd::read_events`], reading at most `max` messages.
+    pub fn read_at_most(&mut self, out: &mut Vec<Event>, max: usize) -> io::Result<usize> {
+        let len = max.clamp(1, BATCH) * sys::UFFD_MSG_SIZE;
+        let n = match sys::read(self.fd.as_fd(), &mut self.buf[..len]) {
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(0),
             Err(e) => return Err(e),
@@ -119,6 +128,28 @@ impl Uffd {
             out.push(parse(msg));
         }
         Ok(msgs)
+    }
+
+    /// Page faults queued and not read yet: the `pending` line of the uffd's fdinfo (the
+    /// kernel counts its fault_pending queue there; events are not counted). `read(2)`
+    /// returns queued faults before any event, so reading at most this many messages reads
+    /// faults only, as long as nobody else wakes a queued fault in between — which is why the
+    /// copier thread copies with DONTWAKE.
+    pub fn pending_faults(&mut self) -> io::Result<u64> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        if self.fdinfo.is_none() {
+            let path = format!("/proc/self/fdinfo/{}", self.fd.as_raw_fd());
+            self.fdinfo = Some(std::fs::File::open(path)?);
+        }
+        let mut buf = [0u8; 256];
+        let n = match &self.fdinfo {
+            Some(f) => f.read_at(&mut buf, 0)?,
+            None => 0,
+        };
+        parse_pending(&buf[..n]).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "no `pending:` line in the uffd's fdinfo")
+        })
     }
 
     /// UFFDIO_COPY `src` to `dst`; returns bytes copied, which may be short of `src.len()`
@@ -178,6 +209,13 @@ impl AsFd for Uffd {
     }
 }
 
+fn parse_pending(fdinfo: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(fdinfo).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("pending:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn u64_at(msg: &[u8], off: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&msg[off..off + 8]);
@@ -217,6 +255,17 @@ fn parse(msg: &[u8]) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_pending_faults_from_fdinfo() {
+        let info = b"pos:\t0\nflags:\t02004000\nmnt_id:\t15\nino:\t1057\npending:\t3\ntotal:\t5\nAPI:\taa:4e:...\n";
+        assert_eq!(parse_pending(info), Some(3));
+        assert_eq!(parse_pending(b"total:\t5\n"), None);
+        let fd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK).expect("userfaultfd");
+        sys::uffdio_api(&fd, 0).expect("api");
+        let mut u = Uffd::new(fd).expect("uffd");
+        assert_eq!(u.pending_faults().expect("fdinfo"), 0);
+    }
 
     #[test]
     fn parses_each_event_layout() {
