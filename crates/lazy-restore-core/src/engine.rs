@@ -136,7 +136,10 @@ impl Engine {
             abort: Mutex::new(None),
             abort_flag: AtomicBool::new(false),
             finish_fast: AtomicBool::new(false),
-            snapshot: Mutex::new(Snapshot::empty()),
+            snapshot: Mutex::new(Snapshot {
+                policy: config.policy.name.clone(),
+                ..Snapshot::empty()
+            }),
             ended: Mutex::new(false),
             ended_cv: Condvar::new(),
         });

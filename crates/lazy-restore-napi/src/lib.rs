@@ -217,7 +217,9 @@ fn u64_of(b: &BigInt, what: &str, pid: i32) -> Result<u64, String> {
     Ok(value)
 }
 
-fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, String> {
+/// A config, or the error code ('PLAN_INVALID' | 'POLICY_INVALID') and message.
+fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, (&'static str, String)> {
+    let plan = |m: String| ("PLAN_INVALID", m);
     let tasks = c
         .tasks
         .into_iter()
@@ -240,14 +242,15 @@ fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, String> {
                 .collect::<Result<Vec<_>, String>>()?;
             Ok(TaskPlan { pid, ranges })
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(plan)?;
     let mut cfg = EngineConfig::new(
         PathBuf::from(c.socket_path),
         tasks,
         c.files.into_iter().map(PathBuf::from).collect(),
     );
     if let Some(p) = c.policy {
-        cfg.policy = to_policy(p)?;
+        cfg.policy = to_policy(p).map_err(|m| ("POLICY_INVALID", m))?;
     }
     if let Some(b) = c.chunk_bytes {
         cfg.policy = cfg.policy.with_fixed_chunk(u64::from(b));
@@ -709,7 +712,7 @@ impl NativeEngine {
         config: NativeEngineConfig,
         on_event: ThreadsafeFunction<NativeEvent>,
     ) -> napi::Result<Self> {
-        let cfg = to_config(config).map_err(|m| Failure::new("PLAN_INVALID", m).into_js(&env))?;
+        let cfg = to_config(config).map_err(|(code, m)| Failure::new(code, m).into_js(&env))?;
         let sink = Box::new(move |e: EngineEvent| {
             // Non-blocking: if JS lags, events queue; the engine never waits for JS.
             let _ = on_event.call(
