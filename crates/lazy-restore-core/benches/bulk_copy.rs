@@ -30,7 +30,9 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let path = std::env::temp_dir().join(format!("lr-bulk-copy-{}.img", std::process::id()));
-        let data: Vec<u8> = (0..BYTES).map(|i| (i / P % 251) as u8 ^ (i as u8)).collect();
+        let data: Vec<u8> = (0..BYTES)
+            .map(|i| (i / P % 251) as u8 ^ (i as u8))
+            .collect();
         std::fs::write(&path, &data).expect("write the page file");
         let file = File::open(&path).expect("open the page file");
         // Warm the page cache: this measures copying, not the disk.
@@ -95,37 +97,46 @@ fn bulk_copy(c: &mut Criterion) {
         } else {
             format!("{}K", chunk >> 10)
         };
-        g.bench_with_input(BenchmarkId::new("pread+copy", &label), &chunk, |b, &chunk| {
-            let mut buf = vec![0u8; chunk];
-            b.iter_custom(|iters| {
-                let mut t = Duration::ZERO;
-                for _ in 0..iters {
-                    fx.reset();
-                    let start = Instant::now();
-                    fx.copy_all(chunk, |off, len| {
-                        fx.file
-                            .read_exact_at(&mut buf[..len], off as u64)
-                            .expect("pread");
-                        buf.as_ptr() as u64
-                    });
-                    t += start.elapsed();
-                }
-                t
-            })
-        });
-        g.bench_with_input(BenchmarkId::new("mmap-copy", &label), &chunk, |b, &chunk| {
-            b.iter_custom(|iters| {
-                let mut t = Duration::ZERO;
-                for _ in 0..iters {
-                    fx.reset();
-                    let map = FileMapping::map(fx.file.as_fd(), BYTES as u64).expect("mmap file");
-                    let start = Instant::now();
-                    fx.copy_all(chunk, |off, _| map.addr_of(off as u64));
-                    t += start.elapsed();
-                }
-                t
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("pread+copy", &label),
+            &chunk,
+            |b, &chunk| {
+                let mut buf = vec![0u8; chunk];
+                b.iter_custom(|iters| {
+                    let mut t = Duration::ZERO;
+                    for _ in 0..iters {
+                        fx.reset();
+                        let start = Instant::now();
+                        fx.copy_all(chunk, |off, len| {
+                            fx.file
+                                .read_exact_at(&mut buf[..len], off as u64)
+                                .expect("pread");
+                            buf.as_ptr() as u64
+                        });
+                        t += start.elapsed();
+                    }
+                    t
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("mmap-copy", &label),
+            &chunk,
+            |b, &chunk| {
+                b.iter_custom(|iters| {
+                    let mut t = Duration::ZERO;
+                    for _ in 0..iters {
+                        fx.reset();
+                        let map =
+                            FileMapping::map(fx.file.as_fd(), BYTES as u64).expect("mmap file");
+                        let start = Instant::now();
+                        fx.copy_all(chunk, |off, _| map.addr_of(off as u64));
+                        t += start.elapsed();
+                    }
+                    t
+                })
+            },
+        );
     }
     // The machine: memcpy of the same bytes (from anonymous memory).
     let src: Vec<u8> = (0..BYTES).map(|i| i as u8).collect();

@@ -411,7 +411,11 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
                 let Some(job) = g.active.as_mut() else {
                     continue;
                 };
-                if job.spans.front().is_none_or(|s| s.runtime != span.runtime || s.pages < pages) {
+                if job
+                    .spans
+                    .front()
+                    .is_none_or(|s| s.runtime != span.runtime || s.pages < pages)
+                {
                     continue;
                 }
                 if let Err(source) = read {
@@ -507,9 +511,8 @@ mod tests {
 
     #[test]
     fn cutting_splits_spans_and_keeps_file_positions() {
-        let fd = Arc::new(
-            crate::sys::userfaultfd(libc::O_CLOEXEC).expect("userfaultfd (needs root)"),
-        );
+        let fd =
+            Arc::new(crate::sys::userfaultfd(libc::O_CLOEXEC).expect("userfaultfd (needs root)"));
         let mut j = Job::new(
             1,
             0,
@@ -526,7 +529,10 @@ mod tests {
         assert_eq!(left, [(0x1000, 2), (0x1000 + 4 * P, 4), (0x20000, 4)]);
         assert_eq!(j.remaining(), 10);
         j.advance(1);
-        assert_eq!(j.spans.front().map(|s| (s.runtime, s.offset)), Some((0x2000, P)));
+        assert_eq!(
+            j.spans.front().map(|s| (s.runtime, s.offset)),
+            Some((0x2000, P))
+        );
         assert!(j.cut(0x9000_0000, 0x9000_1000).is_empty());
     }
 }

@@ -17,9 +17,7 @@ use crate::error::EngineError;
 use crate::guardian::{GuardianLink, Watch};
 use crate::handoff::{self, Accepted, Handoff, Message};
 use crate::plan::{self, EngineConfig};
-use crate::policy::{
-    BackgroundOrder, ChunkSizer, CopyThread, Policy, ReadaheadWindow, TaskOrder,
-};
+use crate::policy::{BackgroundOrder, ChunkSizer, CopyThread, Policy, ReadaheadWindow, TaskOrder};
 use crate::ranges::{PageSpan, RangeMap, RangeSeed};
 use crate::source::{FileSource, PageSource, SourceError};
 use crate::sys::{self, Epoll};
@@ -1413,7 +1411,10 @@ impl FaultLoop {
                 }
                 &mut self.chunk_buf
             };
-            if let Err(e) = self.source.read(run.file, run.offset, &mut buf[..bytes as usize]) {
+            if let Err(e) = self
+                .source
+                .read(run.file, run.offset, &mut buf[..bytes as usize])
+            {
                 return Err(self.page_read_error(idx, run.image, e));
             }
         }
@@ -1435,7 +1436,11 @@ impl FaultLoop {
                     } else {
                         &self.chunk_buf
                     };
-                    uffd.copy(dst, &buf[(done * PAGE_SIZE) as usize..bytes as usize], dontwake)
+                    uffd.copy(
+                        dst,
+                        &buf[(done * PAGE_SIZE) as usize..bytes as usize],
+                        dontwake,
+                    )
                 }
             };
             match result {
@@ -1546,7 +1551,11 @@ impl FaultLoop {
         let mut result = Ok(());
         for run in runs.iter().copied() {
             let holds = run.runtime <= span.runtime && span.runtime < run.runtime + run.bytes();
-            let kind = if holds { CopyKind::Fault } else { CopyKind::Readahead };
+            let kind = if holds {
+                CopyKind::Fault
+            } else {
+                CopyKind::Readahead
+            };
             match self.install(idx, run, several, kind, holds.then_some(span.runtime)) {
                 Ok((inst, f)) => {
                     if holds {
@@ -1576,10 +1585,7 @@ impl FaultLoop {
         }
         // The faulting page's own COPY woke it unless it was DONTWAKE or not ours to copy.
         if several || fate != Special::Installed {
-            let woke = self.tasks[idx]
-                .uffd
-                .as_ref()
-                .map(|u| u.wake(lo, hi - lo));
+            let woke = self.tasks[idx].uffd.as_ref().map(|u| u.wake(lo, hi - lo));
             if let Some(Err(CopyError::Gone)) = woke {
                 return Ok(Fill::Gone);
             }
@@ -1655,7 +1661,8 @@ impl FaultLoop {
             while let Some(front) = t.prefetch.front().copied() {
                 let mut runs = Vec::new();
                 let end = front.runtime + front.bytes();
-                t.ranges.pending_runs_in(front.runtime, front.runtime, end, &mut runs);
+                t.ranges
+                    .pending_runs_in(front.runtime, front.runtime, end, &mut runs);
                 if !runs.is_empty() && t.uffd.is_some() {
                     break;
                 }
@@ -1699,7 +1706,8 @@ impl FaultLoop {
         if t.has_background_work(Instant::now()) {
             while let Some(front) = t.prefetch.front_mut() {
                 let end = front.runtime + front.bytes();
-                t.ranges.pending_runs_in(front.runtime, front.runtime, end, &mut runs);
+                t.ranges
+                    .pending_runs_in(front.runtime, front.runtime, end, &mut runs);
                 let Some(first) = runs.first().copied() else {
                     t.prefetch.pop_front();
                     continue;

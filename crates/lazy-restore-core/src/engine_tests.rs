@@ -7,7 +7,7 @@
 use crate::handoff::{HandoffError, FINISHED_WORD};
 use crate::source::SourceError;
 use crate::sys::{self, testmem::Region};
-use crate::uffd::PAGE_SIZE;
+use crate::uffd::{Event, PAGE_SIZE};
 use crate::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, Phase, RangePlan, Readahead,
     Report, TaskPlan,
@@ -948,7 +948,10 @@ fn criu_policy_faults_take_one_page_and_chunks_grow_by_16_pages_then_reset() {
         .map(|r| r.pages)
         .collect();
     let expect: Vec<u64> = (1..=bg.len() as u64).map(|i| (16 * i).min(1024)).collect();
-    assert_eq!(bg, expect, "16, 32, 48 … pages (the first fault was before the finished word)");
+    assert_eq!(
+        bg, expect,
+        "16, 32, 48 … pages (the first fault was before the finished word)"
+    );
     let after = recs[second_fault + 1..]
         .iter()
         .find(|r| r.kind == CopyKind::Background)
@@ -960,7 +963,10 @@ fn criu_policy_faults_take_one_page_and_chunks_grow_by_16_pages_then_reset() {
         .filter(|r| r.kind == CopyKind::Background)
         .map(|r| r.runtime)
         .collect();
-    assert!(addrs.windows(2).all(|w| w[0] < w[1]), "lowest address first");
+    assert!(
+        addrs.windows(2).all(|w| w[0] < w[1]),
+        "lowest address first"
+    );
 }
 
 #[test]
@@ -1046,14 +1052,20 @@ fn readahead_installs_the_window_and_adapts_to_sequential_and_random_faults() {
     criu.finished();
     let r = wait(h).expect("engine");
     let t = &r.tasks[0];
-    assert_eq!(t.faults, 7, "touching the rest of each window did not fault");
+    assert_eq!(
+        t.faults, 7,
+        "touching the rest of each window did not fault"
+    );
     assert_eq!(t.pages_fault, 7);
     assert_eq!(t.pages_readahead, (4 + 8 + 16 + 16 + 8 + 4 + 4) - 7);
     assert_eq!(
         t.bytes_copied,
         (t.pages_fault + t.pages_readahead + t.pages_background) * PAGE_SIZE
     );
-    assert_eq!(t.pages_fault + t.pages_readahead + t.pages_background, 512 + 16);
+    assert_eq!(
+        t.pages_fault + t.pages_readahead + t.pages_background,
+        512 + 16
+    );
     let windows: Vec<(u64, u64)> = records(&log)
         .iter()
         .filter(|r| matches!(r.kind, CopyKind::Fault | CopyKind::Readahead))
@@ -1061,7 +1073,15 @@ fn readahead_installs_the_window_and_adapts_to_sequential_and_random_faults() {
         .collect();
     assert_eq!(
         windows,
-        [(4, 4), (8, 8), (16, 16), (32, 16), (296, 8), (100, 4), (200, 4)]
+        [
+            (4, 4),
+            (8, 8),
+            (16, 16),
+            (32, 16),
+            (296, 8),
+            (100, 4),
+            (200, 4)
+        ]
     );
     let mut buf = vec![0u8; P];
     for p in 0..512 + 16 {
@@ -1110,8 +1130,15 @@ fn a_window_of_several_runs_is_woken_once_and_nobody_stays_blocked() {
         .filter(|r| matches!(r.kind, CopyKind::Fault | CopyKind::Readahead))
         .map(|r| (page_of(&s, r.runtime) - k as u64, r.pages))
         .collect();
-    assert_eq!(runs, [(0, 8), (11, 5)], "two runs around the dropped pages, one window");
-    assert!(s.touch(k + 9).iter().all(|&b| b == 0), "dropped pages read zero");
+    assert_eq!(
+        runs,
+        [(0, 8), (11, 5)],
+        "two runs around the dropped pages, one window"
+    );
+    assert!(
+        s.touch(k + 9).iter().all(|&b| b == 0),
+        "dropped pages read zero"
+    );
 }
 
 #[test]
@@ -1137,7 +1164,11 @@ fn prefetch_pages_come_first_in_their_order_before_any_background() {
         criu.finished();
         let r = wait(h).expect("engine");
         let t = &r.tasks[0];
-        assert_eq!((t.pages_prefetch, t.pages_background), (45, pages - 45), "{thread:?}");
+        assert_eq!(
+            (t.pages_prefetch, t.pages_background),
+            (45, pages - 45),
+            "{thread:?}"
+        );
         let pre = r.timeline.prefetch_done_us.expect("prefetch done");
         assert!(r.timeline.finished_us <= Some(pre) && Some(pre) <= r.timeline.done_us);
         let recs = records(&log);
@@ -1152,8 +1183,14 @@ fn prefetch_pages_come_first_in_their_order_before_any_background() {
                 (page_of(&s, r.runtime), r.pages)
             })
             .collect();
-        assert_eq!(pre, [(700, 16), (716, 16), (732, 8), (5, 3), (300, 2)], "{thread:?}");
-        assert!(recs[first_bg..].iter().all(|r| r.kind == CopyKind::Background));
+        assert_eq!(
+            pre,
+            [(700, 16), (716, 16), (732, 8), (5, 3), (300, 2)],
+            "{thread:?}"
+        );
+        assert!(recs[first_bg..]
+            .iter()
+            .all(|r| r.kind == CopyKind::Background));
         let mut buf = vec![0u8; P];
         for p in 0..pages as usize {
             s.region.read(p * P, &mut buf);
@@ -1172,13 +1209,20 @@ fn fault_traces_keep_first_need_order_in_image_addresses() {
     for p in [7usize, 3, 9, 3] {
         assert!(check_page(&s.touch(p), p as u64));
     }
-    assert!(h.stats().fault_traces.is_empty(), "traces are for the report only");
+    assert!(
+        h.stats().fault_traces.is_empty(),
+        "traces are for the report only"
+    );
     criu.finished();
     let r = wait(h).expect("engine");
     assert_eq!(r.fault_traces.len(), 1);
     let tr = &r.fault_traces[0];
     let base = s.region.addr();
-    let pages: Vec<u64> = tr.faults.iter().map(|f| (f.addr - base) / PAGE_SIZE).collect();
+    let pages: Vec<u64> = tr
+        .faults
+        .iter()
+        .map(|f| (f.addr - base) / PAGE_SIZE)
+        .collect();
     assert_eq!(pages, [7, 3, 9], "each page once, in first-need order");
     assert!(tr.faults.windows(2).all(|w| w[0].at_us <= w[1].at_us));
     assert_eq!(tr.truncated, 0);
@@ -1198,7 +1242,10 @@ fn faults_are_served_while_the_copier_runs_a_chunk_without_waiting_for_it() {
     criu.finished();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while records(&log).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the copier never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copier never started"
+        );
         std::thread::yield_now();
     }
     let last = pages as usize - 1;
@@ -1212,7 +1259,9 @@ fn faults_are_served_while_the_copier_runs_a_chunk_without_waiting_for_it() {
         .position(|r| r.kind == CopyKind::Fault)
         .expect("the fault was served from the source");
     assert!(
-        recs[fault + 1..].iter().any(|r| r.kind == CopyKind::Background),
+        recs[fault + 1..]
+            .iter()
+            .any(|r| r.kind == CopyKind::Background),
         "the job was still running when the fault was served"
     );
     assert!(
@@ -1237,7 +1286,10 @@ fn pages_removed_while_the_copier_holds_them_read_zero() {
     criu.finished();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while records(&log).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the copier never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copier never started"
+        );
         std::thread::yield_now();
     }
     let r = Arc::clone(&s.region);
@@ -1273,7 +1325,8 @@ struct BigFile {
 fn big_file(pages: u64) -> BigFile {
     let dir = TempDir::new("measure");
     let path = dir.0.join("pages-1.img");
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).expect("create"));
+    let mut f =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).expect("create"));
     for p in 0..pages {
         // First and last word per page are enough to check placement.
         let mut page = [0u8; P];
@@ -1311,7 +1364,13 @@ fn warm(file: &BigFile) {
 }
 
 fn serve_big(file: &BigFile, pages: u64, policy: Policy, mapped: bool) -> Served {
-    serve_big_with(file, pages, policy, mapped, crate::copier::COPIER_IOCTL_BYTES)
+    serve_big_with(
+        file,
+        pages,
+        policy,
+        mapped,
+        crate::copier::COPIER_IOCTL_BYTES,
+    )
 }
 
 fn serve_big_with(file: &BigFile, pages: u64, policy: Policy, mapped: bool, ioctl: u64) -> Served {
@@ -1320,8 +1379,13 @@ fn serve_big_with(file: &BigFile, pages: u64, policy: Policy, mapped: bool, ioct
     let region = Region::map(pages as usize * P).expect("mmap");
     let uffd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK).expect("userfaultfd");
     sys::uffdio_api(&uffd, FEATURES).expect("api");
-    sys::uffdio_register(uffd.as_fd(), region.addr(), region.len() as u64, sys::REGISTER_MODE_MISSING)
-        .expect("register");
+    sys::uffdio_register(
+        uffd.as_fd(),
+        region.addr(),
+        region.len() as u64,
+        sys::REGISTER_MODE_MISSING,
+    )
+    .expect("register");
     let mut cfg = EngineConfig::new(
         dir.0.join("lazy-pages.socket"),
         vec![TaskPlan {
@@ -1361,7 +1425,13 @@ fn pct(v: &mut [u64]) -> (f64, f64, f64) {
 }
 
 /// Touches `n` pages (random or sequential) and returns per-touch ns.
-fn toucher(region: &Arc<Region>, pages: u64, n: usize, seq: bool, stop: Option<Arc<std::sync::atomic::AtomicBool>>) -> Vec<u64> {
+fn toucher(
+    region: &Arc<Region>,
+    pages: u64,
+    n: usize,
+    seq: bool,
+    stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Vec<u64> {
     toucher_gap(region, pages, n, seq, stop, None)
 }
 
@@ -1430,7 +1500,10 @@ fn measure_policies() {
         }
         v
     };
-    let reps: usize = std::env::var("MEASURE_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let reps: usize = std::env::var("MEASURE_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     if which.contains("bulk") {
         eprintln!("\n== full transfer of 2 GiB, no faults: GB/s = bytes / (done - finished), median [min-max] of {reps}, runs interleaved");
         let mut rows: Vec<(String, Vec<f64>, Vec<u64>)> = Vec::new();
@@ -1448,7 +1521,9 @@ fn measure_policies() {
                         rows.push((name, Vec::new(), Vec::new()));
                     }
                     rows[i].1.push(gbs);
-                    rows[i].2.push((r.cpu_time.user_us + r.cpu_time.sys_us) / 1000);
+                    rows[i]
+                        .2
+                        .push((r.cpu_time.user_us + r.cpu_time.sys_us) / 1000);
                     i += 1;
                 }
             }
@@ -1469,10 +1544,30 @@ fn measure_policies() {
         let cases: [(&str, CopyThread, u64, u64); 6] = [
             ("loop, 256K chunks", CopyThread::Loop, 256 << 10, 0),
             ("loop, 1M chunks", CopyThread::Loop, 1 << 20, 0),
-            ("copier, 4M jobs, 256K pieces", CopyThread::Copier, 4 << 20, 256 << 10),
-            ("copier, 4M jobs, 1M pieces", CopyThread::Copier, 4 << 20, 1 << 20),
-            ("copier, 4M jobs, 4M pieces", CopyThread::Copier, 4 << 20, 4 << 20),
-            ("copier, 16M jobs, 1M pieces", CopyThread::Copier, 16 << 20, 1 << 20),
+            (
+                "copier, 4M jobs, 256K pieces",
+                CopyThread::Copier,
+                4 << 20,
+                256 << 10,
+            ),
+            (
+                "copier, 4M jobs, 1M pieces",
+                CopyThread::Copier,
+                4 << 20,
+                1 << 20,
+            ),
+            (
+                "copier, 4M jobs, 4M pieces",
+                CopyThread::Copier,
+                4 << 20,
+                4 << 20,
+            ),
+            (
+                "copier, 16M jobs, 1M pieces",
+                CopyThread::Copier,
+                16 << 20,
+                1 << 20,
+            ),
         ];
         let mut res = vec![Vec::new(); cases.len()];
         for _ in 0..reps {
@@ -1488,7 +1583,13 @@ fn measure_policies() {
         }
         for (i, v) in res.iter_mut().enumerate() {
             v.sort_by(|a, b| a.total_cmp(b));
-            eprintln!("{:<30} {:.2} [{:.2}-{:.2}]", cases[i].0, v[v.len() / 2], v[0], v[v.len() - 1]);
+            eprintln!(
+                "{:<30} {:.2} [{:.2}-{:.2}]",
+                cases[i].0,
+                v[v.len() / 2],
+                v[0],
+                v[v.len() - 1]
+            );
         }
     }
     if which.contains("copierfaults") {
@@ -1503,7 +1604,8 @@ fn measure_policies() {
                 let region = Arc::clone(&sv.region);
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let s2 = Arc::clone(&stop);
-                let t = std::thread::spawn(move || toucher(&region, pages, 1_000_000, false, Some(s2)));
+                let t =
+                    std::thread::spawn(move || toucher(&region, pages, 1_000_000, false, Some(s2)));
                 let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
                 stop.store(true, Ordering::Relaxed);
                 let mut lat = t.join().expect("toucher");
@@ -1522,21 +1624,50 @@ fn measure_policies() {
         eprintln!("\n== sporadic faults (one every ~300 µs) during a 2 GiB background: toucher µs p50 / p99 / max, of {reps} runs pooled");
         let cases: [(&str, CopyThread, u64, u64); 5] = [
             ("loop, 256K chunks", CopyThread::Loop, 256 << 10, 4096),
-            ("copier, 4M jobs, 64K pieces", CopyThread::Copier, 4 << 20, 64 << 10),
-            ("copier, 4M jobs, 256K pieces", CopyThread::Copier, 4 << 20, 256 << 10),
-            ("copier, 4M jobs, 1M pieces", CopyThread::Copier, 4 << 20, 1 << 20),
-            ("copier, 4M jobs, 4M pieces", CopyThread::Copier, 4 << 20, 4 << 20),
+            (
+                "copier, 4M jobs, 64K pieces",
+                CopyThread::Copier,
+                4 << 20,
+                64 << 10,
+            ),
+            (
+                "copier, 4M jobs, 256K pieces",
+                CopyThread::Copier,
+                4 << 20,
+                256 << 10,
+            ),
+            (
+                "copier, 4M jobs, 1M pieces",
+                CopyThread::Copier,
+                4 << 20,
+                1 << 20,
+            ),
+            (
+                "copier, 4M jobs, 4M pieces",
+                CopyThread::Copier,
+                4 << 20,
+                4 << 20,
+            ),
         ];
         let mut lats = vec![Vec::new(); cases.len()];
         let mut bws = vec![Vec::new(); cases.len()];
         let mut idle = Vec::new();
         for _ in 0..reps {
             // Reference: the same sporadic toucher with nothing else running (faults only).
-            let mut p = Policy::default();
-            p.readahead = Readahead::OFF;
+            let p = Policy {
+                readahead: Readahead::OFF,
+                ..Policy::default()
+            };
             let sv = serve_big_with(&file, gib2, p, true, 1 << 20);
             let region = Arc::clone(&sv.region);
-            idle.extend(toucher_gap(&region, gib2, 700, false, None, Some(Duration::from_micros(300))));
+            idle.extend(toucher_gap(
+                &region,
+                gib2,
+                700,
+                false,
+                None,
+                Some(Duration::from_micros(300)),
+            ));
             let mut h = sv.h;
             h.abort("measured".into());
             for (i, &(_, thread, chunk, piece)) in cases.iter().enumerate() {
@@ -1549,7 +1680,14 @@ fn measure_policies() {
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let s2 = Arc::clone(&stop);
                 let t = std::thread::spawn(move || {
-                    toucher_gap(&region, gib2, 1_000_000, false, Some(s2), Some(Duration::from_micros(300)))
+                    toucher_gap(
+                        &region,
+                        gib2,
+                        1_000_000,
+                        false,
+                        Some(s2),
+                        Some(Duration::from_micros(300)),
+                    )
                 });
                 let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
                 stop.store(true, Ordering::Relaxed);
@@ -1568,7 +1706,11 @@ fn measure_policies() {
             }
         }
         let (p50, p99, max) = pct(&mut idle);
-        eprintln!("{:<30} {:>5} faults p50 {p50:.1} p99 {p99:.1} max {max:.0}", "no background (faults only)", idle.len());
+        eprintln!(
+            "{:<30} {:>5} faults p50 {p50:.1} p99 {p99:.1} max {max:.0}",
+            "no background (faults only)",
+            idle.len()
+        );
         for (i, lat) in lats.iter_mut().enumerate() {
             let (p50, p99, max) = pct(lat);
             let v = &mut bws[i];
@@ -1585,16 +1727,69 @@ fn measure_policies() {
     }
     if which.contains("faults,") || which.ends_with("faults") && !which.ends_with("copierfaults") {
         let pages = 256 * 1024u64; // 1 GiB
-        eprintln!("\n== random faults, toucher-side round trip (µs p50 / p99 / max) and engine histogram");
+        eprintln!(
+            "\n== random faults, toucher-side round trip (µs p50 / p99 / max) and engine histogram"
+        );
+        // The floor: a minimal in-process server (epoll + read + one COPY per fault), same
+        // toucher, same process, right before the engine runs.
+        for _ in 0..2 {
+            let region = Arc::new(Region::map(pages as usize * P).expect("mmap"));
+            let fd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK).expect("userfaultfd");
+            sys::uffdio_api(&fd, 0).expect("api");
+            sys::uffdio_register(
+                fd.as_fd(),
+                region.addr(),
+                region.len() as u64,
+                sys::REGISTER_MODE_MISSING,
+            )
+            .expect("register");
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = Arc::clone(&stop);
+            let base = region.addr();
+            let server = std::thread::spawn(move || {
+                let mut u = crate::uffd::Uffd::new(fd).expect("uffd");
+                let ep = sys::Epoll::new().expect("epoll");
+                ep.add(u.as_fd(), 1).expect("add");
+                let (mut ready, mut evs) = (Vec::new(), Vec::new());
+                while !s2.load(Ordering::Relaxed) {
+                    ready.clear();
+                    ep.wait(&mut ready, 8, Some(Duration::from_millis(20)))
+                        .expect("wait");
+                    evs.clear();
+                    u.read_events(&mut evs).expect("read");
+                    for e in evs.drain(..) {
+                        if let Event::PageFault { addr, .. } = e {
+                            let page = ((addr & !(PAGE_SIZE - 1)) - base) / PAGE_SIZE;
+                            let mut data = [0u8; P];
+                            data[..8].copy_from_slice(&word(page, 0).to_ne_bytes());
+                            let _ = u.copy(addr & !(PAGE_SIZE - 1), &data, false);
+                        }
+                    }
+                }
+            });
+            let r2 = Arc::clone(&region);
+            let mut lat = bounded(60, "touch", move || {
+                toucher(&r2, pages, 20_000, false, None)
+            });
+            stop.store(true, Ordering::Relaxed);
+            let _ = server.join();
+            let (p50, p99, max) = pct(&mut lat);
+            eprintln!("minimal server (floor)               toucher p50 {p50:.1} p99 {p99:.1} max {max:.0}");
+        }
         // Faults only (before the finished word).
-        for (label, policy) in [("criu", Policy::criu()), ("default, readahead off", {
-            let mut p = Policy::default();
-            p.readahead = Readahead::OFF;
-            p
-        })] {
+        let no_readahead = Policy {
+            readahead: Readahead::OFF,
+            ..Policy::default()
+        };
+        for (label, policy) in [
+            ("criu", Policy::criu()),
+            ("default, readahead off", no_readahead),
+        ] {
             let sv = serve_big(&file, pages, policy, true);
             let region = Arc::clone(&sv.region);
-            let mut lat = bounded(60, "touch", move || toucher(&region, pages, 20_000, false, None));
+            let mut lat = bounded(60, "touch", move || {
+                toucher(&region, pages, 20_000, false, None)
+            });
             let (p50, p99, max) = pct(&mut lat);
             let st = sv.h.stats();
             let mut h = sv.h;
@@ -1675,12 +1870,14 @@ fn measure_policies() {
             ("adaptive 1..64", ReadaheadMode::Adaptive, 1, 64),
             ("adaptive 2..256", ReadaheadMode::Adaptive, 2, 256),
         ] {
-            let mut policy = Policy::default();
-            policy.readahead = Readahead {
-                mode,
-                min_pages: min,
-                max_pages: max,
-                align: true,
+            let policy = Policy {
+                readahead: Readahead {
+                    mode,
+                    min_pages: min,
+                    max_pages: max,
+                    align: true,
+                },
+                ..Policy::default()
             };
             for seq in [true, false] {
                 let sv = serve_big(&file, pages, policy.clone(), true);
@@ -1704,5 +1901,30 @@ fn measure_policies() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn round_robin_order_takes_one_chunk_per_range_in_turn() {
+    let _l = shared_lock();
+    let mut s = setup("rr", 200, 200, &[(0, 48, 0), (100, 48, 100)], &[]);
+    let mut policy = Policy::criu().with_fixed_chunk(64 * 1024);
+    policy.background.order = BackgroundOrder::RoundRobin;
+    s.cfg.policy = policy;
+    let log = with_log(&mut s);
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.finished();
+    let r = wait(h).expect("engine");
+    assert_eq!(r.tasks[0].pages_background, 96);
+    let starts: Vec<u64> = records(&log)
+        .iter()
+        .map(|r| page_of(&s, r.runtime))
+        .collect();
+    assert_eq!(starts, [0, 100, 16, 116, 32, 132]);
+    let mut buf = vec![0u8; P];
+    for p in (0..48).chain(100..148) {
+        s.region.read(p * P, &mut buf);
+        assert!(check_page(&buf, p as u64), "page {p}");
     }
 }

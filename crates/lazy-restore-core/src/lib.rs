@@ -33,14 +33,14 @@ mod engine_tests;
 pub mod testkit {
     pub use crate::sys::testmem::{fork_run, wait_child, Region};
     pub use crate::sys::{
-        fadvise, file_size, uffdio_api, uffdio_copy, uffdio_copy_raw, uffdio_register,
-        userfaultfd, Epoll, FileMapping, MADV_POPULATE_READ, MODE_DONTWAKE, REGISTER_MODE_MISSING,
+        fadvise, file_size, uffdio_api, uffdio_copy, uffdio_copy_raw, uffdio_register, userfaultfd,
+        Epoll, FileMapping, MADV_POPULATE_READ, MODE_DONTWAKE, REGISTER_MODE_MISSING,
     };
 }
 
+pub use copier::{CopyKind, CopyLog, CopyRecord};
 pub use engine::{Engine, EngineControl, EngineHandle, EventSink};
 pub use error::EngineError;
-pub use copier::{CopyKind, CopyLog, CopyRecord};
 pub use plan::{EngineConfig, PlanError, RangePlan, TaskPlan};
 pub use policy::{
     Background, BackgroundOrder, CopyThread, Policy, PolicyError, PrefetchPlan, PrefetchRange,

@@ -9,7 +9,6 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-
 /// Everything the engine needs to serve one `criu restore --lazy-pages`.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

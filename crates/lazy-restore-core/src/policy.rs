@@ -515,12 +515,36 @@ mod tests {
     fn off_and_fixed_windows() {
         let mut w = ReadaheadWindow::default();
         let off = Readahead::OFF;
-        assert_eq!(w.on_fault(&off, 37), Window { start: 37, pages: 1 });
+        assert_eq!(
+            w.on_fault(&off, 37),
+            Window {
+                start: 37,
+                pages: 1
+            }
+        );
         let fixed = ra(ReadaheadMode::Fixed, 1, 16, true);
-        assert_eq!(w.on_fault(&fixed, 37), Window { start: 32, pages: 16 });
-        assert_eq!(w.on_fault(&fixed, 48), Window { start: 48, pages: 16 });
+        assert_eq!(
+            w.on_fault(&fixed, 37),
+            Window {
+                start: 32,
+                pages: 16
+            }
+        );
+        assert_eq!(
+            w.on_fault(&fixed, 48),
+            Window {
+                start: 48,
+                pages: 16
+            }
+        );
         let unaligned = ra(ReadaheadMode::Fixed, 1, 16, false);
-        assert_eq!(w.on_fault(&unaligned, 37), Window { start: 37, pages: 16 });
+        assert_eq!(
+            w.on_fault(&unaligned, 37),
+            Window {
+                start: 37,
+                pages: 16
+            }
+        );
     }
 
     #[test]
@@ -568,8 +592,20 @@ mod tests {
         assert_eq!(w.on_fault(&cfg, 6), Window { start: 4, pages: 4 });
         // Next fault right after: sequential, window doubles and re-aligns.
         assert_eq!(w.on_fault(&cfg, 8), Window { start: 8, pages: 8 });
-        assert_eq!(w.on_fault(&cfg, 16), Window { start: 16, pages: 16 });
-        assert_eq!(w.on_fault(&cfg, 32), Window { start: 32, pages: 16 });
+        assert_eq!(
+            w.on_fault(&cfg, 16),
+            Window {
+                start: 16,
+                pages: 16
+            }
+        );
+        assert_eq!(
+            w.on_fault(&cfg, 32),
+            Window {
+                start: 32,
+                pages: 16
+            }
+        );
     }
 
     #[test]

@@ -354,11 +354,7 @@ impl RangeMap {
                 continue;
             }
             // Uncovered: up to the next range's start.
-            let next = self
-                .ranges
-                .range(at..)
-                .next()
-                .map_or(u64::MAX, |(&k, _)| k);
+            let next = self.ranges.range(at..).next().map_or(u64::MAX, |(&k, _)| k);
             let n = (span.pages - i).min((next - at) / PAGE_SIZE);
             self.ranges.insert(
                 at,
@@ -680,10 +676,16 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(m.image_span(0x20000 + 9 * P).unwrap().offset, 8 * P + 9 * P);
         assert!(m.image_span(0x15000).is_none());
-        assert_eq!(m.range_bounds(0x10000 + 5), Some((0x10000, 0x10000 + 4 * P)));
+        assert_eq!(
+            m.range_bounds(0x10000 + 5),
+            Some((0x10000, 0x10000 + 4 * P))
+        );
         let mut runs = Vec::new();
         m.image_runs(0x10000 + 2 * P, 0x20, &mut runs);
-        let got: Vec<(u64, u64, u64)> = runs.iter().map(|s| (s.runtime, s.pages, s.offset)).collect();
+        let got: Vec<(u64, u64, u64)> = runs
+            .iter()
+            .map(|s| (s.runtime, s.pages, s.offset))
+            .collect();
         assert_eq!(got, [(0x10000 + 2 * P, 2, 2 * P), (0x20000, 18, 8 * P)]);
     }
 
@@ -708,7 +710,10 @@ mod tests {
         assert_eq!(m.insert_pending(back), 5);
         assert_eq!(m.pending_pages(), 99);
         assert_eq!(m.range_count(), 2);
-        assert_eq!(m.next_chunk_from(0x20000, 100).unwrap().runtime, 0x20000 + 5 * P);
+        assert_eq!(
+            m.next_chunk_from(0x20000, 100).unwrap().runtime,
+            0x20000 + 5 * P
+        );
     }
 
     #[test]

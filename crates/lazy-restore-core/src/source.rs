@@ -11,10 +11,10 @@
 //! the pages, so a copy that could have seen a cut file is always caught). Either way a file
 //! truncated under us is an error naming the file and offset.
 
+use crate::sys::{self, FileMapping};
 use std::fmt;
 use std::fs::File;
 use std::io;
-use crate::sys::{self, FileMapping};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -902,6 +902,10 @@ pub mod testmem {
             self.len
         }
 
+        pub fn is_empty(&self) -> bool {
+            self.len == 0
+        }
+
         /// Copies `buf.len()` bytes out of the region at `off` (faults in missing pages).
         pub fn read(&self, off: usize, buf: &mut [u8]) {
             assert!(off + buf.len() <= self.len);
@@ -930,7 +934,11 @@ pub mod testmem {
             let mut v = 0u8;
             // SAFETY: one page of our live mapping; the kernel writes one byte into `v`.
             let rc = unsafe {
-                libc::mincore(((self.addr + off) & !4095) as *mut libc::c_void, 4096, &mut v)
+                libc::mincore(
+                    ((self.addr + off) & !4095) as *mut libc::c_void,
+                    4096,
+                    &mut v,
+                )
             };
             rc == 0 && v & 1 == 1
         }

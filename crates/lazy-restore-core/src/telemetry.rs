@@ -474,7 +474,11 @@ mod tests {
         for i in 0..100_000u64 {
             s.sample(100_000 + i * 10_000, i + 400, false);
         }
-        assert!(s.points().len() <= SERIES_MAX_POINTS, "{}", s.points().len());
+        assert!(
+            s.points().len() <= SERIES_MAX_POINTS,
+            "{}",
+            s.points().len()
+        );
         assert!(s.points().len() > SERIES_MAX_POINTS / 4);
         let last = s.points().last().copied().unwrap_or_default();
         assert!(last.bytes >= 100_000, "the newest point is kept: {last:?}");

@@ -148,7 +148,10 @@ impl Uffd {
             None => 0,
         };
         parse_pending(&buf[..n]).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "no `pending:` line in the uffd's fdinfo")
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no `pending:` line in the uffd's fdinfo",
+            )
         })
     }
 
@@ -161,7 +164,13 @@ impl Uffd {
 
     /// UFFDIO_COPY of `len` bytes at address `src` of this process (e.g. a page-file mapping,
     /// which only the kernel reads) to `dst`; same result convention as [`Uffd::copy`].
-    pub fn copy_from(&self, dst: u64, src: u64, len: u64, dontwake: bool) -> Result<usize, CopyError> {
+    pub fn copy_from(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        dontwake: bool,
+    ) -> Result<usize, CopyError> {
         copy_from(self.fd.as_fd(), dst, src, len, dontwake)
     }
 
