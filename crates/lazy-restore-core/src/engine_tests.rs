@@ -1539,6 +1539,29 @@ fn measure_policies() {
             );
         }
     }
+    if which.contains("default") {
+        eprintln!("\n== 2 GiB, no faults: the default policy vs criu, GB/s median [min-max] of {reps}, interleaved");
+        let cases = [
+            ("default, mapped files", Policy::default(), true),
+            ("default, pread", Policy::default(), false),
+            ("criu, mapped files", Policy::criu(), true),
+            ("criu, pread", Policy::criu(), false),
+        ];
+        let mut res = vec![Vec::new(); cases.len()];
+        for _ in 0..reps {
+            for (i, (_, policy, mapped)) in cases.iter().enumerate() {
+                let mut sv = serve_big(&file, gib2, policy.clone(), *mapped);
+                sv.criu.finished();
+                let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
+                let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
+                res[i].push((gib2 * PAGE_SIZE) as f64 / us.max(1) as f64 / 1000.0);
+            }
+        }
+        for (i, v) in res.iter_mut().enumerate() {
+            v.sort_by(|a, b| a.total_cmp(b));
+            eprintln!("{:<24} {:.2} [{:.2}-{:.2}]", cases[i].0, v[v.len() / 2], v[0], v[v.len() - 1]);
+        }
+    }
     if which.contains("ioctl") {
         eprintln!("\n== 2 GiB, no faults, mmap: GB/s median [min-max] of {reps}, interleaved");
         let cases: [(&str, CopyThread, u64, u64); 6] = [
