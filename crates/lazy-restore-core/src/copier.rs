@@ -38,12 +38,6 @@ use std::time::Duration;
 /// "default"; prefaulting the source with MADV_POPULATE_READ did not help).
 pub const COPIER_IOCTL_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Measurement switch: `LAZY_RESTORE_COPIER_PRIO=idle` (SCHED_IDLE), `normal` (no change),
-/// anything else: nice 19.
-fn priority_idle() -> bool {
-    std::env::var("LAZY_RESTORE_COPIER_PRIO").is_ok_and(|v| v == "idle")
-}
-
 /// What installed a page (for the copy log and the per-kind counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyKind {
@@ -336,14 +330,9 @@ impl Copier {
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("lazy-restore-copier".into())
-            .spawn(move || {
-                // Background work: whoever else wants this CPU (the fault loop, the restored
-                // tasks) preempts the copier at once. Best effort.
-                if std::env::var("LAZY_RESTORE_COPIER_PRIO").map_or(true, |v| v != "normal") {
-                    let _ = crate::sys::lower_thread_priority(priority_idle(), 19);
-                }
-                run(&sh, &*source, &copy_log)
-            })?;
+            // Normal priority: nice 19 and SCHED_IDLE made no measurable difference to fault
+            // latency here, and would let a CPU-bound restored tree starve the transfer.
+            .spawn(move || run(&sh, &*source, &copy_log))?;
         Ok(Self {
             handle: CopierHandle(shared),
             thread: Some(thread),

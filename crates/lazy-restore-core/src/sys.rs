@@ -764,23 +764,6 @@ impl Drop for FileMapping {
     }
 }
 
-/// Lowers the calling thread's CPU priority: `idle` = `SCHED_IDLE` (runs only when nothing
-/// else wants the CPU), else nice `nice` (`setpriority` on the thread id).
-pub fn lower_thread_priority(idle: bool, nice: i32) -> io::Result<()> {
-    if idle {
-        // SAFETY: sched_param is plain old data; the kernel only reads it.
-        let param: libc::sched_param = unsafe { zeroed() };
-        // SAFETY: pid 0 = the calling thread; `param` lives on our stack for the call.
-        return cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop);
-    }
-    // SAFETY: plain syscalls with integer arguments; gettid names the calling thread.
-    cvt(unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
-    })
-    .map(drop)
-}
-
 /// `MADV_POPULATE_READ` (Linux 5.14): prefault page tables readable; errors instead of SIGBUS.
 pub const MADV_POPULATE_READ: libc::c_int = 22;
 
