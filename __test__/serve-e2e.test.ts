@@ -5,7 +5,7 @@
  */
 import test from 'ava';
 import { connect } from 'node:net';
-import { existsSync, mkdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireCriu, startRestore } from '../src/harness/criu.js';
 import { serve, type ServeError } from '../src/serve/serve.js';
@@ -168,6 +168,46 @@ test.serial('bad input: pages file truncated while serving -> error names file+o
     t.false(results.some((x) => x.ok), 'no process may report success on memory that was not restored');
     t.false(results.some((x) => x.bad > 0), 'the process was killed before it could run on zero pages');
     await daemon.close();
+  } finally {
+    s.cleanup();
+  }
+});
+
+test.serial('policies and profiles end to end: criu policy, record a working set, replay it, stale profile ignored', async (t) => {
+  const s = scratch('e2e-policy');
+  try {
+    const d = await dumpWorkload({ mb: 64, holes: true, dir: s.dir });
+    const profile = join(s.dir, 'ws.json');
+    const runWith = async (name: string, extra: string[]) => {
+      rmSync(d.w.resultFile, { force: true });
+      const work = join(s.dir, `work-${name}`);
+      const daemon = await startOurDaemon(d.imgs, work, extra);
+      const r = await restoreLazily(d, daemon, work);
+      t.is(r.daemonExit.code, 0, `${name}: ${tail(daemon.logFile)}`);
+      t.true(r.results.length === 1 && r.results[0]!.ok, `${name}: ${JSON.stringify(r.results)}`);
+      return { r, log: readFileSync(daemon.logFile, 'utf8') };
+    };
+    const criu = await runWith('criu', ['--policy', 'criu']);
+    t.is(criu.r.report.policy, 'criu');
+    t.is(criu.r.report.totals.pagesReadahead ?? 0, 0, 'criu policy: one page per fault');
+
+    const rec = await runWith('record', ['--record-profile', profile]);
+    t.true(rec.r.report.profile.pages > 0, 'recorded a working set');
+    const recorded = JSON.parse(readFileSync(profile, 'utf8'));
+    t.is(recorded.tasks[0].pid, d.w.pid);
+
+    const replay = await runWith('replay', ['--profile', profile]);
+    t.is(replay.r.report.profile.used, profile);
+    t.true(replay.r.report.totals.pagesPrefetch > 0, JSON.stringify(replay.r.report.totals));
+
+    // the same profile against other images: ignored, with a warning, and the restore still works
+    const other = await dumpWorkload({ mb: 8, dir: join(s.dir, 'other') });
+    const work = join(s.dir, 'work-stale');
+    const daemon = await startOurDaemon(other.imgs, work, ['--profile', profile]);
+    const r = await restoreLazily(other, daemon, work);
+    t.is(r.daemonExit.code, 0);
+    t.true(r.results[0]?.ok);
+    t.regex(readFileSync(daemon.logFile, 'utf8'), /recorded on other images/);
   } finally {
     s.cleanup();
   }

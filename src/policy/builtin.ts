@@ -28,19 +28,21 @@ export const criuPolicy: Policy = {
 };
 
 /**
- * Ours: faults first and never behind a bulk copy, an adaptive readahead window around each
- * fault, installed with DONTWAKE and one WAKE, background copy on a thread of its own in big
- * chunks (UFFDIO_COPY is flat from 256 KiB to 8 MiB here and a copier thread barely slows
- * faults, per shared/docs/limits.md), tasks interleaved so no process waits for another.
+ * Ours (the same values as the core's Policy::default(), chosen by measurement there): faults
+ * first and never behind a bulk copy, an adaptive readahead window around each fault (a 256 MiB
+ * sequential scan took 0.20 s instead of 5.0 s), installed with DONTWAKE and one WAKE, the
+ * background on a copier thread of its own in 4 MiB jobs (sporadic faults during the transfer
+ * waited p50 15 µs instead of 108 µs behind in-loop chunks), near recent faults first, tasks
+ * interleaved so no process waits for another.
  */
 export const defaultPolicy: Policy = {
   name: 'default',
-  summary: 'faults first, adaptive readahead (4..64 pages), background on its own thread in 1 MiB chunks, tasks interleaved',
+  summary: 'faults first, adaptive readahead (4..64 pages), background on its own thread in 4 MiB chunks near recent faults, tasks interleaved',
   readahead: { mode: 'adaptive', minPages: 4, maxPages: 64, align: true },
   background: {
-    startChunkBytes: 1 * MiB,
+    startChunkBytes: 4 * MiB,
     growBytes: 0,
-    maxChunkBytes: 1 * MiB,
+    maxChunkBytes: 4 * MiB,
     resetOnFault: false,
     order: 'near-faults',
     tasks: 'interleaved',

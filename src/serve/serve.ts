@@ -112,9 +112,13 @@ export function serve(options: ServeOptions): ServeHandle {
   const plan = planFromImages(images);
   const basePolicy = typeof options.policy === 'object' ? options.policy : policyByName(options.policy ?? 'default');
   // Recording needs every first touch to fault: readahead would hide the pages it installs.
-  const policy: Policy = options.recordProfile
+  let policy: Policy = options.recordProfile
     ? { ...basePolicy, readahead: { ...basePolicy.readahead, mode: 'off', minPages: 1, maxPages: 1 } }
     : basePolicy;
+  if (options.chunkBytes) {
+    const c = options.chunkBytes;
+    policy = { ...policy, background: { ...policy.background, startChunkBytes: c, maxChunkBytes: c, growBytes: 0 } };
+  }
   const warnings: string[] = [];
   let prefetch: PrefetchPlan | undefined;
   if (options.profile) {
