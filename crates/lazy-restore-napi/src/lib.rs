@@ -18,6 +18,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Our page server (`lazy-restore page-server`), kept apart from the engine binding.
+mod remote;
+
 /// The core crate's version.
 #[napi]
 pub fn core_version() -> String {
