@@ -283,12 +283,20 @@ impl Drop for Hold<'_> {
     }
 }
 
+/// Measurement counters (process-wide): holds the loop took, and ns it waited for them.
+pub(crate) static HOLDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub(crate) static HOLD_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl CopierHandle {
     /// Locks the slot (waiting at most for the copier's current piece).
     pub fn hold(&self) -> Hold<'_> {
         self.0.loop_wants.store(true, Ordering::SeqCst);
+        let t = std::time::Instant::now();
+        let guard = lock(&self.0.slot);
+        HOLDS.fetch_add(1, Ordering::Relaxed);
+        HOLD_WAIT_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Hold {
-            guard: lock(&self.0.slot),
+            guard,
             flag: &self.0.loop_wants,
         }
     }
@@ -332,6 +340,8 @@ impl Copier {
             .name("lazy-restore-copier".into())
             // Normal priority: nice 19 and SCHED_IDLE made no measurable difference to fault
             // latency here, and would let a CPU-bound restored tree starve the transfer.
+            // (A 100 µs EEVDF slice or a sched_yield after each piece did not shorten the fault
+            // tails beside a busy copier either: measure_policies "sparse".)
             .spawn(move || run(&sh, &*source, &copy_log))?;
         Ok(Self {
             handle: CopierHandle(shared),

@@ -1543,6 +1543,11 @@ fn measure_policies() {
         eprintln!("\n== 2 GiB, no faults: the default policy vs criu, GB/s median [min-max] of {reps}, interleaved");
         let cases = [
             ("default, mapped files", Policy::default(), true),
+            (
+                "default, 4M jobs",
+                Policy::default().with_fixed_chunk(4 << 20),
+                true,
+            ),
             ("default, pread", Policy::default(), false),
             ("criu, mapped files", Policy::criu(), true),
             ("criu, pread", Policy::criu(), false),
@@ -1559,7 +1564,13 @@ fn measure_policies() {
         }
         for (i, v) in res.iter_mut().enumerate() {
             v.sort_by(|a, b| a.total_cmp(b));
-            eprintln!("{:<24} {:.2} [{:.2}-{:.2}]", cases[i].0, v[v.len() / 2], v[0], v[v.len() - 1]);
+            eprintln!(
+                "{:<24} {:.2} [{:.2}-{:.2}]",
+                cases[i].0,
+                v[v.len() / 2],
+                v[0],
+                v[v.len() - 1]
+            );
         }
     }
     if which.contains("ioctl") {
@@ -1645,7 +1656,7 @@ fn measure_policies() {
     }
     if which.contains("sparse") {
         eprintln!("\n== sporadic faults (one every ~300 µs) during a 2 GiB background: toucher µs p50 / p99 / max, of {reps} runs pooled");
-        let cases: [(&str, CopyThread, u64, u64); 5] = [
+        let cases: [(&str, CopyThread, u64, u64); 6] = [
             ("loop, 256K chunks", CopyThread::Loop, 256 << 10, 4096),
             (
                 "copier, 4M jobs, 64K pieces",
@@ -1669,6 +1680,12 @@ fn measure_policies() {
                 "copier, 4M jobs, 4M pieces",
                 CopyThread::Copier,
                 4 << 20,
+                4 << 20,
+            ),
+            (
+                "copier, 16M jobs, 4M pieces",
+                CopyThread::Copier,
+                16 << 20,
                 4 << 20,
             ),
         ];
@@ -1715,6 +1732,11 @@ fn measure_policies() {
                 let r = bounded(120, "bulk", move || sv.h.wait()).expect("engine");
                 stop.store(true, Ordering::Relaxed);
                 lats[i].extend(t.join().expect("toucher"));
+                eprintln!(
+                    "  holds so far {} waited {} µs",
+                    crate::copier::HOLDS.load(Ordering::Relaxed),
+                    crate::copier::HOLD_WAIT_NS.load(Ordering::Relaxed) / 1000
+                );
                 let us = r.timeline.done_us.unwrap_or(0) - r.timeline.finished_us.unwrap_or(0);
                 bws[i].push((gib2 * PAGE_SIZE) as f64 / us.max(1) as f64 / 1000.0);
                 eprintln!(

@@ -294,8 +294,11 @@ impl Default for Policy {
     /// - readahead adaptive 4..64 pages, aligned: a sequential scan of 256 MiB 5.0 s -> 0.20 s
     ///   (1028 faults instead of 65536); 20000 random touches 1.29 s -> 0.92 s, +9 µs p50 per
     ///   random fault. 4..16 scanned in 0.49 s, 2..256 in 0.15 s at 440 µs p50 per fault.
-    /// - background on a copier thread in 4 MiB jobs: sporadic faults during the transfer wait
-    ///   p50 15 µs (no background: 13) instead of 108 µs when the loop copies 256 KiB chunks.
+    /// - background on a copier thread in 4 MiB jobs (one 4 MiB ioctl each): sporadic faults
+    ///   during the transfer wait p50 15 µs (no background: 13) instead of 108 µs when the loop
+    ///   copies 256 KiB chunks. 16 MiB jobs moved 2 GiB faster (3.05-3.14 GB/s median against
+    ///   2.75-2.95) but a never-idle copier tripled the p99 of those faults (7-9 ms vs 2.6-3 ms
+    ///   on this 2-vCPU VM): faults first.
     /// - near-faults: a scanner racing the background finished 512 MiB in 200-235 ms instead
     ///   of 340-427 ms with lowest-address; the whole transfer took the same time.
     /// - tasks interleaved; drainBeforeChunk false (only matters if `thread` is set to loop:
