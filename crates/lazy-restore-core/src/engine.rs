@@ -1343,6 +1343,8 @@ impl FaultLoop {
                 Ok(Fill::Done)
             }
             Special::Present => {
+                // The copier got there first, but the page was needed before it was there.
+                self.record_fault(idx, span.image);
                 let woke = self.tasks[idx]
                     .uffd
                     .as_ref()
