@@ -198,7 +198,11 @@ test.serial('policies and profiles end to end: criu policy, record a working set
 
     const replay = await runWith('replay', ['--profile', profile]);
     t.is(replay.r.report.profile.used, profile);
-    t.true(replay.r.report.totals.pagesPrefetch > 0, JSON.stringify(replay.r.report.totals));
+    // Every recorded page is a lazy page of these images, so the whole profile was planned.
+    // (Whether a page then arrives by prefetch or by the process's own fault is a race: both
+    // start at criu's finished word, so pagesPrefetch may be 0 on a fast machine.)
+    t.is(replay.r.report.profile.pages, rec.r.report.profile.pages);
+    t.is(replay.r.report.profile.dropped, 0);
 
     // the same profile against other images: ignored, with a warning, and the restore still works
     const other = await dumpWorkload({ mb: 8, dir: join(s.dir, 'other') });
