@@ -26,7 +26,7 @@ use std::io::Write;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -248,6 +248,9 @@ struct Shared {
     loop_wants: AtomicBool,
     poke: UnixStream,
     ioctl_pages: u64,
+    /// The copier thread's own CPU time (user, sys µs) as of its last finished job, so the
+    /// report's daemon CPU covers the thread that does most of the copying.
+    cpu_us: [AtomicU64; 2],
 }
 
 fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -288,6 +291,14 @@ pub(crate) static HOLDS: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomi
 pub(crate) static HOLD_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl CopierHandle {
+    /// The copier thread's CPU time (user, sys µs) as of its last finished job.
+    pub fn cpu_time_us(&self) -> (u64, u64) {
+        (
+            self.0.cpu_us[0].load(Ordering::Relaxed),
+            self.0.cpu_us[1].load(Ordering::Relaxed),
+        )
+    }
+
     /// Locks the slot (waiting at most for the copier's current piece).
     pub fn hold(&self) -> Hold<'_> {
         self.0.loop_wants.store(true, Ordering::SeqCst);
@@ -334,6 +345,7 @@ impl Copier {
             loop_wants: AtomicBool::new(false),
             poke,
             ioctl_pages: (ioctl_bytes / PAGE_SIZE).max(1),
+            cpu_us: [AtomicU64::new(0), AtomicU64::new(0)],
         });
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -389,6 +401,9 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
             if let Some(mut done) = g.active.take() {
                 done.check_mapped(source);
                 g.done.push(done);
+                let (user, sys) = crate::sys::thread_cpu_time_us();
+                sh.cpu_us[0].store(user, Ordering::Relaxed);
+                sh.cpu_us[1].store(sys, Ordering::Relaxed);
             }
             // A full socket already means "wake up".
             let _ = (&sh.poke).write(&[1]);

@@ -1870,7 +1870,10 @@ impl FaultLoop {
                 None => {}
             }
             if job.gone {
-                t.stats.pages_orphaned += rest;
+                // Pages faults took from this job were installed (and counted) by the fault
+                // path; those the copier did not meet as present are still in `rest`.
+                let taken_in_rest = taken.saturating_sub(job.exists).min(rest);
+                self.tasks[idx].stats.pages_orphaned += rest - taken_in_rest;
                 self.task_exited(idx);
             }
         }
@@ -1942,7 +1945,12 @@ impl FaultLoop {
             Vec::new()
         };
         let tasks: Vec<TaskStats> = self.tasks.iter().map(|t| t.stats.clone()).collect();
-        let (user_us, sys_us) = sys::thread_cpu_time_us();
+        let (mut user_us, mut sys_us) = sys::thread_cpu_time_us();
+        if let Some(c) = &self.copier_handle {
+            let (u, s) = c.cpu_time_us();
+            user_us += u;
+            sys_us += s;
+        }
         Snapshot {
             phase: self.phase,
             elapsed_us: self.us(),
