@@ -2,13 +2,8 @@
 
 export type Phase = 'handoff' | 'faults-only' | 'background' | 'done';
 
-export interface TaskStats {
-  /** pid in pstree.img (forked children keep their parent's). */
-  imagePid: number;
-  /** 0 for the restored task, 1.. for children it forked after restore. */
-  childIndex: number;
-  hostPid?: number;
-  zombie: boolean;
+/** Page and copy counters, kept per task and summed into the totals. */
+export interface PageCounters {
   pagesPlanned: number;
   pagesFault: number;
   pagesBackground: number;
@@ -23,33 +18,29 @@ export interface TaskStats {
   bytesCopied: number;
   faults: number;
   eagainRetries: number;
-  exited: boolean;
-  firstFaultUs?: number;
-  doneUs?: number;
   /** Pages installed around faults (readahead) and from a profile (prefetch). */
   pagesReadahead?: number;
   pagesPrefetch?: number;
+}
+
+export interface TaskStats extends PageCounters {
+  /** pid in pstree.img (forked children keep their parent's). */
+  imagePid: number;
+  /** 0 for the restored task, 1.. for children it forked after restore. */
+  childIndex: number;
+  hostPid?: number;
+  zombie: boolean;
+  exited: boolean;
+  firstFaultUs?: number;
+  doneUs?: number;
   /** First-need order of faults (only when recording a profile). */
   faultTrace?: { addr: bigint | number | string; atUs: number }[];
 }
 
-export interface Totals {
+export interface Totals extends PageCounters {
   tasks: number;
   tasksDone: number;
   tasksExited: number;
-  pagesPlanned: number;
-  pagesFault: number;
-  pagesBackground: number;
-  pagesZero: number;
-  pagesPresent: number;
-  pagesDropped: number;
-  pagesOrphaned: number;
-  pagesPending: number;
-  bytesCopied: number;
-  faults: number;
-  eagainRetries: number;
-  pagesReadahead?: number;
-  pagesPrefetch?: number;
 }
 
 export interface LatencySummary {
