@@ -384,6 +384,8 @@ impl Drop for Copier {
 
 fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
     let mut buf: Vec<u8> = Vec::new();
+    // Jobs up to this id were announced to the source (`PageSource::prepare`).
+    let mut prepared = 0u64;
     let mut g = lock(&sh.slot);
     loop {
         if g.stop {
@@ -391,6 +393,16 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
         }
         if g.active.is_none() {
             g.active = g.queued.pop_front();
+        }
+        // Announce the running job and the next one, so a remote source streams the next
+        // job's pages while this one is copied (no round trip between jobs).
+        for job in g.active.iter().chain(g.queued.front()) {
+            if job.id > prepared {
+                prepared = job.id;
+                let spans: Vec<(u32, u64, u64)> =
+                    job.spans.iter().map(|s| (s.file, s.offset, s.bytes())).collect();
+                source.prepare(job.id, &spans);
+            }
         }
         let Some(job) = g.active.as_mut() else {
             g = sh.cv.wait(g).unwrap_or_else(|p| p.into_inner());

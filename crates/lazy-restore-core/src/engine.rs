@@ -70,15 +70,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Engine;
 
 impl Engine {
-    /// Validates the plan, opens the page files, binds and listens on the socket (so the caller
-    /// can announce readiness when this returns), then serves on a thread of its own.
-    pub fn start(config: EngineConfig, on_event: EventSink) -> Result<EngineHandle, EngineError> {
+    /// Page size, plan and policy checks; the bytes each file must hold.
+    fn check(config: &EngineConfig) -> Result<Vec<u64>, EngineError> {
         let page = sys::page_size();
         if page != PAGE_SIZE {
             return Err(EngineError::UnsupportedPageSize { size: page });
         }
-        let needed = plan::validate(&config)?;
+        let needed = plan::validate(config)?;
         config.policy.validate().map_err(EngineError::Policy)?;
+        Ok(needed)
+    }
+
+    /// Validates the plan, opens the page files, binds and listens on the socket (so the caller
+    /// can announce readiness when this returns), then serves on a thread of its own.
+    pub fn start(config: EngineConfig, on_event: EventSink) -> Result<EngineHandle, EngineError> {
+        let needed = Self::check(&config)?;
         let mut source = FileSource::open(&config.files).map_err(EngineError::Source)?;
         for (i, &n) in needed.iter().enumerate() {
             source.check_len(i as u32, n).map_err(EngineError::Source)?;
@@ -86,7 +92,17 @@ impl Engine {
         if config.map_page_files {
             source.map_files();
         }
-        let source: Arc<dyn PageSource + Sync> = Arc::new(source);
+        Self::start_with_source(config, Arc::new(source), on_event)
+    }
+
+    /// Like [`Engine::start`], with pages from `source` (a remote page server, say) instead
+    /// of `config.files`: the plan's file index and offset are whatever `source` understands.
+    pub fn start_with_source(
+        config: EngineConfig,
+        source: Arc<dyn PageSource + Sync>,
+        on_event: EventSink,
+    ) -> Result<EngineHandle, EngineError> {
+        Self::check(&config)?;
         // Before the socket listens: once criu restore can connect, every uffd we receive
         // must get a second holder that outlives this process.
         let guardian = match (&config.guardian, config.kill_on_fatal) {
@@ -575,7 +591,7 @@ impl FaultLoop {
             copier_handle: None,
             copier_rx: None,
             jobs: 0,
-            next_job: 0,
+            next_job: 1,
             taken: HashMap::new(),
             prefetch_jobs: 0,
             prefetch_planned,
@@ -1415,10 +1431,13 @@ impl FaultLoop {
                 }
                 &mut self.chunk_buf
             };
-            if let Err(e) = self
-                .source
-                .read(run.file, run.offset, &mut buf[..bytes as usize])
-            {
+            let dst = &mut buf[..bytes as usize];
+            let read = if in_window {
+                self.source.read_urgent(run.file, run.offset, dst)
+            } else {
+                self.source.read(run.file, run.offset, dst)
+            };
+            if let Err(e) = read {
                 return Err(self.page_read_error(idx, run.image, e));
             }
         }

@@ -85,6 +85,17 @@ pub trait PageSource: Send {
     /// Fills all of `buf` with the bytes at `offset` of file `file`; anything less is an error.
     fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
 
+    /// Like [`PageSource::read`], for a fault (and its readahead): a remote source answers it
+    /// ahead of any background traffic. Local sources have no queue to jump.
+    fn read_urgent(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.read(file, offset, buf)
+    }
+
+    /// The copier is about to read these spans `(file, offset, bytes)`, in this order: a
+    /// remote source may start streaming them now, so the reads that follow find the bytes
+    /// already on their way. `key` identifies the job (increasing; a repeated key is ignored).
+    fn prepare(&self, _key: u64, _spans: &[(u32, u64, u64)]) {}
+
     /// The address in this process where bytes `[offset, offset+len)` of file `file` are
     /// mapped, to be used only as a UFFDIO_COPY source (never read from user space). `None`:
     /// use [`PageSource::read`].

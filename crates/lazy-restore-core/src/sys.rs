@@ -470,6 +470,21 @@ pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: Duration) -> io::Result<(
     .map(drop)
 }
 
+/// `SO_PRIORITY` (0-6 without CAP_NET_ADMIN): the packet priority a `prio` qdisc sorts by.
+pub fn set_socket_priority(sock: BorrowedFd<'_>, priority: libc::c_int) -> io::Result<()> {
+    // SAFETY: the kernel reads one `c_int` from our stack.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PRIORITY,
+            (&priority as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 /// `SO_TYPE` of a socket (e.g. `SOCK_SEQPACKET`); an error for anything that is not one.
 pub fn socket_type(sock: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     let mut kind: libc::c_int = 0;

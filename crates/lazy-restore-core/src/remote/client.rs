@@ -17,6 +17,7 @@ use crate::source::{PageSource, SourceError};
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,9 @@ fn handshake(o: &ClientOptions, role: Role) -> Result<(TcpStream, u8), Fail> {
     let mut s = stream.ok_or(Fail::Retry(format!("connect: {last}")))?;
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(o.io_timeout));
+    if role == Role::Urgent {
+        let _ = crate::sys::set_socket_priority(s.as_fd(), crate::remote::URGENT_SOCKET_PRIORITY);
+    }
     let hello = Frame::Hello {
         version: VERSION,
         role,
@@ -461,13 +465,103 @@ impl BulkClient {
 }
 
 /// A [`PageSource`] over lazy-restore's page server. Plans address it with file index = task
-/// index (into `pids`) and offset = image address. Reads of up to `urgent_pages` pages (faults)
-/// go over the urgent connection; larger ones (background chunks) over the bulk connection.
+/// index (into `pids`) and offset = image address.
+///
+/// Faults and their readahead ([`PageSource::read_urgent`], and any read of at most
+/// `urgent_pages`) go over the urgent connection, one GET each, never queued behind bulk
+/// bytes. The copier's jobs are announced with [`PageSource::prepare`] and become bulk
+/// streams at once, so the server keeps the bulk connection full while the copier installs
+/// the previous job; its reads then take the bytes from what has arrived (waiting for the rest).
 pub struct LazySource {
     pids: Vec<i32>,
     urgent: UrgentClient,
-    bulk: Mutex<BulkClient>,
+    bulk: Mutex<BulkState>,
     urgent_pages: usize,
+}
+
+struct BulkState {
+    client: BulkClient,
+    /// Chunks that arrived before their read: (pid, image address) → (stream id, bytes).
+    stash: BTreeMap<(i32, u64), (u32, Vec<u8>)>,
+    /// Streams started for prepared jobs, oldest first (at most [`KEEP_STREAMS`]).
+    recent: std::collections::VecDeque<u32>,
+    /// Streams not ended yet.
+    open: std::collections::BTreeSet<u32>,
+    last_key: u64,
+    /// A failure while starting a prepared stream, for the next read to return.
+    failed: Option<RemoteError>,
+}
+
+/// Prepared streams whose chunks are kept: the job being copied, the next one, and one more
+/// for a job that the loop cancelled (faults took its pages) before the copier read them.
+const KEEP_STREAMS: usize = 3;
+
+/// Largest chunk the server sends, in bytes: how far below a read a chunk may start.
+const MAX_CHUNK: u64 = MAX_PAGES as u64 * PAGE as u64;
+
+impl BulkState {
+    /// Copies what the stash holds of `[addr, addr + buf.len())` into `buf`, noting it in `got`.
+    fn take(&self, pid: i32, addr: u64, buf: &mut [u8], got: &mut IntervalSet) {
+        let end = addr + buf.len() as u64;
+        for (&(_, a), (_, data)) in self.stash.range((pid, addr.saturating_sub(MAX_CHUNK))..(pid, end)) {
+            let lo = a.max(addr);
+            let hi = (a + data.len() as u64).min(end);
+            if lo < hi {
+                buf[(lo - addr) as usize..(hi - addr) as usize]
+                    .copy_from_slice(&data[(lo - a) as usize..(hi - a) as usize]);
+                got.insert(pid, lo, hi);
+            }
+        }
+    }
+
+    /// Forgets chunks that lie wholly inside a read that was served.
+    fn consumed(&mut self, pid: i32, addr: u64, end: u64) {
+        let used: Vec<(i32, u64)> = self
+            .stash
+            .range((pid, addr)..(pid, end))
+            .filter(|(&(_, a), (_, d))| a + d.len() as u64 <= end)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in used {
+            self.stash.remove(&k);
+        }
+    }
+
+    fn start(&mut self, runs: Vec<PageRun>) -> Result<u32, RemoteError> {
+        let id = self.client.stream(StreamMode::List, runs)?;
+        self.open.insert(id);
+        self.recent.push_back(id);
+        while self.recent.len() > KEEP_STREAMS {
+            let Some(old) = self.recent.pop_front() else { break };
+            self.stash.retain(|_, (sid, _)| *sid != old);
+            if self.open.remove(&old) {
+                self.client.cancel(old)?;
+            }
+        }
+        Ok(id)
+    }
+
+    /// One event off the bulk connection into the stash.
+    fn pump(&mut self) -> Result<(), RemoteError> {
+        match self.client.next_event()? {
+            BulkEvent::Chunk { id, run, data } => {
+                if self.recent.contains(&id) {
+                    self.stash.insert((run.pid, run.addr), (id, data));
+                }
+            }
+            BulkEvent::Missing { run, reason, .. } => {
+                return Err(RemoteError::Missing {
+                    run,
+                    code: crate::remote::protocol::MissingCode::NotHeld,
+                    reason,
+                })
+            }
+            BulkEvent::End { id, .. } => {
+                self.open.remove(&id);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl LazySource {
@@ -476,45 +570,56 @@ impl LazySource {
         Ok(Self {
             pids,
             urgent: UrgentClient::connect(opts.clone())?,
-            bulk: Mutex::new(BulkClient::connect(opts)?),
+            bulk: Mutex::new(BulkState {
+                client: BulkClient::connect(opts)?,
+                stash: BTreeMap::new(),
+                recent: std::collections::VecDeque::new(),
+                open: std::collections::BTreeSet::new(),
+                last_key: 0,
+                failed: None,
+            }),
             urgent_pages: 4,
         })
     }
 
-    /// Reads by pid directly.
+    /// Reads by pid directly: over the urgent connection if small, else from the bulk
+    /// streams (a stream of its own when no prepared stream brings these pages).
     pub fn read_pid(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), RemoteError> {
         let pages = buf.len() / PAGE;
         if pages <= self.urgent_pages {
             return self.urgent.fetch(pid, addr, buf);
         }
-        let mut bulk = lock(&self.bulk);
         let end = addr + buf.len() as u64;
         let mut got = IntervalSet::new();
-        let id = bulk.stream(StreamMode::List, vec![PageRun { pid, addr, pages: pages as u32 }])?;
-        loop {
-            match bulk.next_event()? {
-                BulkEvent::Chunk { id: cid, run, data } if cid == id && run.pid == pid => {
-                    let a = run.addr.max(addr);
-                    let b = (run.addr + data.len() as u64).min(end);
-                    if a < b {
-                        buf[(a - addr) as usize..(b - addr) as usize]
-                            .copy_from_slice(&data[(a - run.addr) as usize..(b - run.addr) as usize]);
-                        got.insert(pid, a, b);
-                    }
-                }
-                BulkEvent::Missing { id: cid, run, reason } if cid == id => {
-                    return Err(RemoteError::Missing {
-                        run,
-                        code: crate::remote::protocol::MissingCode::NotHeld,
-                        reason,
-                    })
-                }
-                BulkEvent::End { id: cid, .. } if cid == id => break,
-                _ => {}
-            }
+        let mut st = lock(&self.bulk);
+        if let Some(e) = st.failed.take() {
+            return Err(e);
         }
-        drop(bulk);
-        // Pages skipped on this connection (resume) come over the urgent one.
+        let mut own_stream = false;
+        loop {
+            st.take(pid, addr, buf, &mut got);
+            if got.first_gap(pid, addr, end).is_none() {
+                st.consumed(pid, addr, end);
+                return Ok(());
+            }
+            if st.open.is_empty() {
+                if own_stream {
+                    break;
+                }
+                own_stream = true;
+                let mut runs = Vec::new();
+                let mut x = addr;
+                while let Some((a, b)) = got.first_gap(pid, x, end) {
+                    runs.push(PageRun { pid, addr: a, pages: ((b - a) / PAGE as u64) as u32 });
+                    x = b;
+                }
+                st.start(runs)?;
+            }
+            st.pump()?;
+        }
+        drop(st);
+        // Pages skipped on the bulk connection (a resume after a reconnect) come over the
+        // urgent one.
         let mut x = addr;
         while let Some((a, b)) = got.first_gap(pid, x, end) {
             self.urgent.fetch(pid, a, &mut buf[(a - addr) as usize..(b - addr) as usize])?;
@@ -522,14 +627,56 @@ impl LazySource {
         }
         Ok(())
     }
+
+    fn pid(&self, file: u32) -> Result<i32, SourceError> {
+        self.pids
+            .get(file as usize)
+            .copied()
+            .ok_or(SourceError::Remote(RemoteError::UnknownTask { file }))
+    }
+
+    /// Bulk bytes received on the wire and the raw bytes they stand for, and reconnects.
+    pub fn bulk_counters(&self) -> (u64, u64, u64) {
+        let st = lock(&self.bulk);
+        (st.client.wire_bytes, st.client.raw_bytes, st.client.reconnects)
+    }
 }
 
 impl PageSource for LazySource {
     fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let pid = *self
-            .pids
-            .get(file as usize)
-            .ok_or(SourceError::Remote(RemoteError::UnknownTask { file }))?;
-        self.read_pid(pid, offset, buf).map_err(SourceError::Remote)
+        self.read_pid(self.pid(file)?, offset, buf).map_err(SourceError::Remote)
+    }
+
+    fn read_urgent(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.urgent.fetch(self.pid(file)?, offset, buf).map_err(SourceError::Remote)
+    }
+
+    fn prepare(&self, key: u64, spans: &[(u32, u64, u64)]) {
+        let mut st = lock(&self.bulk);
+        if key <= st.last_key || st.failed.is_some() {
+            return;
+        }
+        st.last_key = key;
+        let mut runs: Vec<PageRun> = Vec::with_capacity(spans.len());
+        for &(file, offset, bytes) in spans {
+            let Some(&pid) = self.pids.get(file as usize) else { continue };
+            let pages = (bytes / PAGE as u64) as u32;
+            match runs.last_mut() {
+                Some(r) if r.pid == pid && r.addr + u64::from(r.pages) * PAGE as u64 == offset => r.pages += pages,
+                _ => runs.push(PageRun { pid, addr: offset, pages }),
+            }
+        }
+        if runs.is_empty() {
+            return;
+        }
+        if let Err(e) = st.start(runs) {
+            st.failed = Some(e);
+        }
+    }
+}
+
+impl Drop for LazySource {
+    fn drop(&mut self) {
+        lock(&self.bulk).client.bye();
     }
 }

@@ -21,6 +21,7 @@ use crate::source::{PageSource, SourceError};
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -228,38 +229,84 @@ impl CriuClient {
 
 /// A [`PageSource`] over a CRIU page server: file index = task index into `pids`, offset =
 /// image address. When the last lazy page has been read, the session is CLOSEd.
+///
+/// CRIU's protocol has one FIFO stream, so faults come first by policy: a background read is
+/// sent as GETs of at most `piece_pages` (about one bandwidth-delay product), one at a time,
+/// and before each piece the copier lets any waiting fault go first. A fault therefore waits
+/// for at most one piece in flight, not a whole background chunk.
 pub struct CriuSource {
     pids: Vec<i32>,
     client: Mutex<CriuClient>,
+    /// Faults waiting for the connection.
+    urgent_waiting: AtomicUsize,
+    piece_pages: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Default background piece: 32 pages (128 KiB), about 1 Gbit/s x 1 ms.
+pub const DEFAULT_PIECE_PAGES: usize = 32;
+
 impl CriuSource {
     /// Wraps a connected client.
     pub fn new(client: CriuClient, pids: Vec<i32>) -> Self {
-        Self { pids, client: Mutex::new(client) }
+        Self {
+            pids,
+            client: Mutex::new(client),
+            urgent_waiting: AtomicUsize::new(0),
+            piece_pages: DEFAULT_PIECE_PAGES,
+        }
+    }
+
+    /// Background GET size in pages (at least 1).
+    pub fn with_piece_pages(mut self, pages: usize) -> Self {
+        self.piece_pages = pages.max(1);
+        self
     }
 
     /// Pages not fetched yet.
     pub fn missing_pages(&self) -> u64 {
         lock(&self.client).missing_pages()
     }
-}
 
-impl PageSource for CriuSource {
-    fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let pid = *self
-            .pids
+    fn pid(&self, file: u32) -> Result<i32, SourceError> {
+        self.pids
             .get(file as usize)
-            .ok_or(SourceError::Remote(RemoteError::UnknownTask { file }))?;
-        let mut c = lock(&self.client);
-        c.get(pid, offset, buf).map_err(SourceError::Remote)?;
+            .copied()
+            .ok_or(SourceError::Remote(RemoteError::UnknownTask { file }))
+    }
+
+    fn get(c: &mut CriuClient, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        c.get(pid, addr, buf).map_err(SourceError::Remote)?;
         if c.missing_pages() == 0 {
             c.close().map_err(SourceError::Remote)?;
         }
         Ok(())
+    }
+}
+
+impl PageSource for CriuSource {
+    fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let pid = self.pid(file)?;
+        let piece = self.piece_pages * PAGE as usize;
+        for (i, part) in buf.chunks_mut(piece).enumerate() {
+            // Faults first: let every waiting fault take the connection before this piece.
+            while self.urgent_waiting.load(Ordering::Acquire) > 0 {
+                std::thread::yield_now();
+            }
+            let mut c = lock(&self.client);
+            Self::get(&mut c, pid, offset + (i * piece) as u64, part)?;
+        }
+        Ok(())
+    }
+
+    fn read_urgent(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let pid = self.pid(file)?;
+        self.urgent_waiting.fetch_add(1, Ordering::AcqRel);
+        let mut c = lock(&self.client);
+        self.urgent_waiting.fetch_sub(1, Ordering::AcqRel);
+        Self::get(&mut c, pid, offset, buf)
     }
 }

@@ -26,6 +26,10 @@ use protocol::{MissingCode, PageRun};
 use std::fmt;
 use std::time::Duration;
 
+/// `SO_PRIORITY` of urgent connections (both ends): TC_PRIO_INTERACTIVE, band 0 of a default
+/// `prio` qdisc.
+pub const URGENT_SOCKET_PRIORITY: i32 = 6;
+
 /// Why a remote source failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteError {

@@ -13,6 +13,8 @@ use crate::remote::protocol::{
     FEATURE_LZ4, MAX_PAGES, PAGE, VERSION,
 };
 use crate::remote::store::{split_run, PageStore};
+use crate::remote::URGENT_SOCKET_PRIORITY;
+use std::os::fd::AsFd;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -296,6 +298,11 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Res
     .map_err(|e| e.to_string())?;
     let _ = stream.set_read_timeout(None);
     let _ = peer;
+    if role == Role::Urgent {
+        // Interactive priority: a `prio` qdisc on the link (scripts/netns-link.sh) sends these
+        // replies ahead of queued bulk packets. Harmless where there is none.
+        let _ = crate::sys::set_socket_priority(stream.as_fd(), URGENT_SOCKET_PRIORITY);
+    }
     match role {
         Role::Urgent => urgent_loop(shared, reader, writer),
         Role::Bulk => bulk_loop(shared, reader, writer, stream, features & FEATURE_LZ4 != 0),

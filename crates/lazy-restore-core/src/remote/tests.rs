@@ -201,6 +201,40 @@ fn bulk_profile_first_then_rest_skip_and_cancel() {
 }
 
 #[test]
+fn lazy_source_streams_prepared_jobs_and_serves_faults_on_the_urgent_connection() {
+    let fx = fixture("prepared");
+    let (s, _) = server(&fx, None, 0);
+    let src = LazySource::connect(opts(&s), vec![10, 11]).unwrap();
+    // Two jobs announced before any read: both streams start at once.
+    src.prepare(1, &[(0, 0x400000, 100 * PAGE as u64), (0, 0x10000, 8 * PAGE as u64)]);
+    src.prepare(2, &[(0, 0x400000 + 100 * PAGE as u64, 200 * PAGE as u64)]);
+    src.prepare(2, &[(1, 0x10000, 4 * PAGE as u64)]); // a repeated key is ignored
+    // The copier reads in pieces that do not line up with the server's chunks.
+    let mut a = vec![0u8; 40 * PAGE];
+    src.read(0, 0x400000 + 30 * PAGE as u64, &mut a).unwrap();
+    check(10, 0x400000 + 30 * PAGE as u64, &a);
+    let mut b = vec![0u8; 30 * PAGE];
+    src.read(0, 0x400000, &mut b).unwrap();
+    check(10, 0x400000, &b);
+    let mut c = vec![0u8; 230 * PAGE];
+    src.read(0, 0x400000 + 70 * PAGE as u64, &mut c).unwrap();
+    check(10, 0x400000 + 70 * PAGE as u64, &c);
+    let mut d = vec![0u8; 8 * PAGE];
+    src.read(0, 0x10000, &mut d).unwrap();
+    check(10, 0x10000, &d);
+    // A fault: the urgent connection, even for more pages than the small-read limit.
+    let mut e = vec![0u8; 4 * PAGE];
+    src.read_urgent(1, 0x10000, &mut e).unwrap();
+    check(11, 0x10000, &e);
+    let mut f = vec![0u8; 16 * PAGE];
+    src.read_urgent(0, 0x400000, &mut f).unwrap();
+    check(10, 0x400000, &f);
+    let n = s.counters();
+    assert_eq!(n.pages_bulk, 308, "the two prepared streams, nothing more: {n:?}");
+    assert_eq!(n.pages_urgent, 20, "{n:?}");
+}
+
+#[test]
 fn handshake_refusals_say_why() {
     let fx = fixture("token");
     let (s, log) = server(&fx, Some("s3cret"), 0);
@@ -388,7 +422,7 @@ fn criu_41_client_continues_clamped_replies_and_closes_only_when_complete() {
         let fx = fixture(&format!("criu{}", layout.header_len()));
         let fake = fake_criu(&fx, layout, 100);
         let c = CriuClient::connect(&fake.addr, layout, lazy_of(&fx)).unwrap();
-        let src = CriuSource::new(c, vec![10, 11]);
+        let src = CriuSource::new(c, vec![10, 11]).with_piece_pages(1024);
         // Never asks for what the source does not hold lazily.
         let mut b = vec![0u8; 2 * PAGE];
         let e = src.read(0, 0x17000, &mut b).unwrap_err();
@@ -414,6 +448,32 @@ fn criu_41_client_continues_clamped_replies_and_closes_only_when_complete() {
         assert!(seen.iter().all(|h| h.cmd != PS_IOV_GET || h.dst_id == 10 || h.dst_id == 11));
         assert_eq!(seen.last().map(|h| h.cmd), Some(PS_IOV_CLOSE));
     }
+}
+
+#[test]
+fn criu_source_sends_background_reads_as_capped_pieces_and_faults_whole() {
+    let fx = fixture("criu-pieces");
+    let fake = fake_criu(&fx, HeaderLayout::Criu41, 1024);
+    let c = CriuClient::connect(&fake.addr, HeaderLayout::Criu41, lazy_of(&fx)).unwrap();
+    let src = CriuSource::new(c, vec![10, 11]);
+    // Background: 300 pages go out as 32-page GETs (one bandwidth-delay product each), so a
+    // fault waits behind one piece at most.
+    let mut big = vec![0u8; 300 * PAGE];
+    src.read(0, 0x400000, &mut big).unwrap();
+    check(10, 0x400000, &big);
+    // A fault and its readahead: one GET, however large.
+    let mut ra = vec![0u8; 8 * PAGE];
+    src.read_urgent(0, 0x10000, &mut ra).unwrap();
+    check(10, 0x10000, &ra);
+    let mut rest = vec![0u8; 4 * PAGE];
+    src.read_urgent(1, 0x10000, &mut rest).unwrap();
+    assert_eq!(src.missing_pages(), 0);
+    let seen = fake.thread.join().unwrap();
+    let gets: Vec<u64> = seen.iter().filter(|h| h.cmd == PS_IOV_GET).map(|h| h.nr_pages).collect();
+    let mut want = vec![32u64; 9];
+    want.extend([12, 8, 4]);
+    assert_eq!(gets, want);
+    assert_eq!(seen.last().map(|h| h.cmd), Some(PS_IOV_CLOSE));
 }
 
 #[test]
