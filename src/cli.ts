@@ -7,7 +7,7 @@ import { readImages } from './criu/index.js';
 import { ImageError } from './criu/errors.js';
 import { inspectJson, inspectText } from './report/inspect.js';
 import { native, NativeBindingError } from './native.js';
-import { serve, ServeError, type ServeHandle } from './serve/serve.js';
+import { hostPort, serve, ServeError, type RemoteSourceOptions, type ServeHandle } from './serve/serve.js';
 import { PlanError } from './serve/plan.js';
 import { POLICIES, UnknownPolicyError } from './policy/builtin.js';
 import { ProfileError } from './policy/profile.js';
@@ -15,7 +15,7 @@ import { summaryText, reportJson } from './report/transfer.js';
 import { runDemo } from './demo.js';
 import { PageServerError, startPageServer } from './remote/page-server.js';
 import { CriuUnavailableError } from './harness/criu.js';
-import { appendFileSync, closeSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, closeSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { resolve } from 'node:path';
 
 const VERSION = '0.1.0';
@@ -120,6 +120,14 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
     )
     .option('--record-profile <file>', 'record the order pages were first needed (per process) into FILE; this run serves without readahead')
     .option('--profile <file>', 'prefetch the working set recorded in FILE first, in its order (ignored with a warning if recorded on other images)')
+    .option('--page-server', "fetch lazy pages from CRIU's page server (criu dump --lazy-pages --port N), as criu lazy-pages does")
+    .option('--address <host>', 'page server host (with --page-server)', '127.0.0.1')
+    .option('--port <n>', 'page server port (with --page-server)', parseIntArg)
+    .option('--criu-42', "speak CRIU 4.2's page-server header (32 bytes) instead of 4.1's (with --page-server)")
+    .option('--source <url>', 'fetch lazy pages from a lazy-restore page-server: lazy://HOST:PORT')
+    .option('--token-file <file>', 'the shared token of the lazy-restore page-server (with --source)')
+    .option('--lz4', 'ask the lazy-restore page-server for lz4-compressed bulk chunks (slow links)')
+    .option('--grace <seconds>', 'with --source: how long the page server may be unreachable (reconnecting) before the restored tree is killed', parseSeconds, 10)
     // Hidden: only for tests that show what happens without the guardian (zero pages).
     .addOption(new Option('--no-guardian', 'run without lazy-restore-guardian (unsafe: see below)').hideHelp())
     .addHelpText(
@@ -137,7 +145,15 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
         'mid-transfer, its guardian process (lazy-restore-guardian, which holds the userfaultfds\n' +
         'too) kills the restored tree instead of letting it run on zero pages. SIGINT/SIGTERM:\n' +
         'finish the transfer at full speed and exit 0; a second signal kills the restored tree and\n' +
-        'exits 1.',
+        'exits 1.\n\n' +
+        'Remote pages (the images dir on this host then only needs the images, not pages-*.img):\n' +
+        '  criu dump --lazy-pages --port 27 ...            (source host)\n' +
+        '  lazy-restore serve -D imgs --page-server --address SRC --port 27\n' +
+        '  lazy-restore page-server -D imgs --port 7070    (source host: one snapshot, many restores)\n' +
+        '  lazy-restore serve -D imgs --source lazy://SRC:7070\n' +
+        'Faults go first: over their own connection with lazy-restore page-server, and ahead of\n' +
+        "capped background requests on CRIU's single stream. If the source stays unreachable, the\n" +
+        'restored tree is killed (never left hung, never run on zero pages).',
     )
     .action(async (opts: ServeCliOptions) => {
       await serveCommand(opts, out);
@@ -201,6 +217,49 @@ interface ServeCliOptions {
   recordProfile?: string;
   /** false with the hidden --no-guardian. */
   guardian: boolean;
+  pageServer?: boolean;
+  address: string;
+  port?: number;
+  criu42?: boolean;
+  source?: string;
+  tokenFile?: string;
+  lz4?: boolean;
+  grace: number;
+}
+
+function parseSeconds(v: string): number {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`'${v}' is not a number of seconds`);
+  return n;
+}
+
+/** The remote source the serve flags ask for, or undefined (local page files). */
+function remoteSource(opts: ServeCliOptions): RemoteSourceOptions | undefined {
+  const usage = (m: string) => new ReportedError(EXIT.usage, m);
+  if (opts.pageServer && opts.source) throw usage('--page-server and --source are two different sources: give one');
+  if (opts.pageServer) {
+    if (opts.port === undefined) throw usage('--page-server needs --port (the port given to criu dump --lazy-pages)');
+    if (opts.port < 1 || opts.port > 65535) throw usage(`--port ${opts.port} is not a TCP port`);
+    return { kind: 'criu', host: opts.address, port: opts.port, criu42: !!opts.criu42 };
+  }
+  if (opts.source) {
+    const m = /^lazy:\/\/(\[[^\]]+\]|[^:/]+):(\d+)\/?$/.exec(opts.source);
+    if (!m) throw usage(`--source '${opts.source}': expected lazy://HOST:PORT`);
+    const port = Number(m[2]);
+    if (port < 1 || port > 65535) throw usage(`--source '${opts.source}': ${port} is not a TCP port`);
+    let token: string | undefined;
+    if (opts.tokenFile) {
+      try {
+        token = readFileSync(opts.tokenFile, 'utf8').trim();
+      } catch (e) {
+        throw usage(`--token-file ${opts.tokenFile}: ${(e as Error).message}`);
+      }
+    }
+    return { kind: 'lazy', host: m[1]!.replace(/^\[|\]$/g, ''), port, token, lz4: !!opts.lz4, graceMs: Math.round(opts.grace * 1000) };
+  }
+  if (opts.port !== undefined || opts.criu42) throw usage('--port and --criu-42 go with --page-server');
+  if (opts.tokenFile || opts.lz4) throw usage('--token-file and --lz4 go with --source lazy://HOST:PORT');
+  return undefined;
 }
 
 function parseIntArg(v: string): number {
@@ -228,9 +287,11 @@ async function serveCommand(opts: ServeCliOptions, out: (s: string) => void): Pr
     if (logPath) appendFileSync(logPath, `(${(performance.now() / 1000).toFixed(6)}) ${line}`);
     else process.stderr.write(line);
   };
+  const source = remoteSource(opts);
   let daemon: ServeHandle;
   try {
     daemon = serve({
+      source,
       imagesDir: opts.imagesDir,
       workDir,
       chunkBytes: opts.chunk === undefined ? undefined : opts.chunk * 1024,
@@ -244,7 +305,8 @@ async function serveCommand(opts: ServeCliOptions, out: (s: string) => void): Pr
   }
   if (!opts.guardian) log(1, 'warning: running without a guardian: if this daemon dies mid-transfer, the restored processes read zero pages');
   if (opts.pidfile) writeFileSync(resolve(workDir, opts.pidfile), `${process.pid}\n`);
-  log(2, `listening on ${daemon.socketPath}: ${daemon.plan.tasks.length} tasks, ${daemon.plan.pages} lazy pages from ${daemon.images.dir}, policy ${daemon.policy.name}`);
+  const from = source ? `${source.kind === 'criu' ? 'CRIU page server' : 'lazy-restore page-server'} ${hostPort(source.host, source.port)}` : daemon.images.dir;
+  log(2, `listening on ${daemon.socketPath}: ${daemon.plan.tasks.length} tasks, ${daemon.plan.pages} lazy pages from ${from}, policy ${daemon.policy.name}`);
   if (daemon.prefetch?.pages) log(2, `profile ${opts.profile}: prefetching ${daemon.prefetch.pages} pages first`);
   if (opts.statusFd !== undefined) {
     try {

@@ -85,10 +85,11 @@ export async function restoreLazily(
   daemon: { child: ChildProcess; exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>; reportFile?: string },
   workDir: string,
   timeoutMs = 120_000,
+  opts: { pidNamespace?: boolean; trigger?: boolean } = {},
 ): Promise<RestoreOutcome> {
-  writeFileSync(d.w.triggerFile, '');
+  if (opts.trigger !== false) writeFileSync(d.w.triggerFile, '');
   const t0 = performance.now();
-  const restore = startRestore({ dir: d.imgs, workDir });
+  const restore = startRestore({ dir: d.imgs, workDir, pidNamespace: opts.pidNamespace });
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(() => {

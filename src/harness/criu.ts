@@ -78,12 +78,25 @@ export interface RestoreProcess {
  * `criu restore --lazy-pages` in the foreground: criu stays the restored root's parent and
  * exits after it, so whoever starts it reaps the tree (PID 1 here does not).
  */
-export function startRestore(o: { dir: string; workDir?: string; lazy?: boolean; logName?: string }): RestoreProcess {
+export function startRestore(o: {
+  dir: string;
+  workDir?: string;
+  lazy?: boolean;
+  logName?: string;
+  /**
+   * Restore as the init of a new pid namespace (`unshare --pid --fork --mount-proc`): needed
+   * when the dumped pids are still taken (a lazy dump keeps its task as a zombie) and for
+   * several restores of one image set at once.
+   */
+  pidNamespace?: boolean;
+}): RestoreProcess {
   const logName = o.logName ?? 'restore.log';
   const args = ['restore', '-D', o.dir, '-o', logName, '-v4'];
   if (o.workDir) args.push('-W', o.workDir);
   if (o.lazy !== false) args.push('--lazy-pages');
-  const child = spawn('criu', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = o.pidNamespace
+    ? spawn('unshare', ['--pid', '--fork', '--mount-proc', 'criu', ...args], { stdio: ['ignore', 'ignore', 'pipe'] })
+    : spawn('criu', args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
   const logFile = join(o.workDir ?? o.dir, logName);

@@ -54,7 +54,7 @@ export function planFromImages(set: ImageSet): TransferPlan {
         throw new PlanError(
           `pid ${proc.pid}: lazy pages at 0x${r.start.toString(16)} (${r.nrPages} pages) are not in ${set.dir}: ` +
             'this image set was dumped with --lazy-pages and its memory is still on the source host; ' +
-            'serve it from that page server (remote sources are not supported yet) or dump without --lazy-pages',
+            'serve it from that page server (lazy-restore serve --page-server --address HOST --port N) or dump without --lazy-pages',
         );
       }
       let idx = fileIndex.get(r.location.file);

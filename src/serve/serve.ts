@@ -15,6 +15,7 @@ import { readImages } from '../criu/images.js';
 import type { ImageSet } from '../criu/types.js';
 import { guardianPath, native } from '../native.js';
 import { planFromImages, type TransferPlan } from './plan.js';
+import { remotePlanFromImages, type RemotePlan } from '../remote/plan.js';
 import { policyByName } from '../policy/builtin.js';
 import type { Policy } from '../policy/types.js';
 import { prefetchFromProfile, profileFromTraces, readProfile, writeProfile, type PrefetchPlan } from '../policy/profile.js';
@@ -53,6 +54,39 @@ export interface ServeOptions {
    * No guardian runs when killOnFatal is false: killing is all it does.
    */
   guardian?: boolean;
+  /**
+   * Fetch the lazy pages from a page server instead of the images dir's page files: `lazy` is
+   * `lazy-restore page-server` (urgent + bulk connections), `criu` is CRIU's own page server
+   * (`criu dump --lazy-pages --port N`, one stream).
+   */
+  source?: RemoteSourceOptions;
+}
+
+export type RemoteSourceOptions =
+  | {
+      kind: 'lazy';
+      host: string;
+      port: number;
+      /** Shared token the server was started with (`--token-file`). */
+      token?: string;
+      /** Ask for lz4-compressed bulk chunks (pays on slow links only; see docs/page-server-protocol.md). */
+      lz4?: boolean;
+      /** How long one outage may last (reconnecting) before the restore fails; default 10 000. */
+      graceMs?: number;
+    }
+  | {
+      kind: 'criu';
+      host: string;
+      port: number;
+      /** CRIU 4.2's 32-byte request header instead of 4.1's 24 bytes. */
+      criu42?: boolean;
+      /** Background GET size in pages (default 32: about one bandwidth-delay product at 1 Gbit/s, 1 ms). */
+      piecePages?: number;
+    };
+
+/** `host:port`, with brackets for an IPv6 host. */
+export function hostPort(host: string, port: number): string {
+  return host.includes(':') && !host.startsWith('[') ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
 /** Failure of a serve run. `code` is stable (e.g. HANDOFF_UNKNOWN_PID, SOURCE_SHORT_READ). */
@@ -109,7 +143,8 @@ const SOCKET_NAME = 'lazy-pages.socket';
  */
 export function serve(options: ServeOptions): ServeHandle {
   const images = options.images ?? readImages(options.imagesDir);
-  const plan = planFromImages(images);
+  const remotePlan = options.source ? remotePlanFromImages(images, options.source.kind) : undefined;
+  const plan: TransferPlan = remotePlan ?? planFromImages(images);
   const basePolicy = typeof options.policy === 'object' ? options.policy : policyByName(options.policy ?? 'default');
   // Recording needs every first touch to fault: readahead would hide the pages it installs.
   let policy: Policy = options.recordProfile
@@ -153,6 +188,7 @@ export function serve(options: ServeOptions): ServeHandle {
           prefetch: prefetch?.tasks,
           recordFaults: !!options.recordProfile,
         },
+        remote: remotePlan && options.source ? nativeRemote(options.source, remotePlan) : undefined,
       };
     engine = binding.NativeEngine.start(
       config as NativeConfig,
@@ -204,6 +240,21 @@ export function serve(options: ServeOptions): ServeHandle {
       await done.catch(() => undefined);
     },
   }) as ServeHandle;
+}
+
+function nativeRemote(src: RemoteSourceOptions, plan: RemotePlan) {
+  const address = hostPort(src.host, src.port);
+  if (src.kind === 'lazy') {
+    return { kind: src.kind, address, token: src.token, lz4: src.lz4, graceMs: src.graceMs, pids: plan.pids };
+  }
+  return {
+    kind: src.kind,
+    address,
+    criu42: src.criu42,
+    piecePages: src.piecePages,
+    pids: plan.pids,
+    lazy: plan.lazy.map((t) => ({ pid: t.pid, starts: t.ranges.map((r) => r[0]), pages: t.ranges.map((r) => r[1]) })),
+  };
 }
 
 function toServeError(e: unknown): ServeError {

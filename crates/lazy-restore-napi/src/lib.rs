@@ -208,6 +208,9 @@ pub struct NativeEngineConfig {
     pub guardian_path: Option<String>,
     /// The transfer policy; absent: the core's `default` policy.
     pub policy: Option<NativePolicy>,
+    /// Pages from a page server instead of `files`: plan ranges then name file = task index
+    /// (into `remote.pids`) and offset = image address.
+    pub remote: Option<remote::NativeRemoteSource>,
 }
 
 fn u64_of(b: &BigInt, what: &str, pid: i32) -> Result<u64, String> {
@@ -712,9 +715,10 @@ impl NativeEngine {
     #[napi(factory)]
     pub fn start(
         env: Env,
-        config: NativeEngineConfig,
+        mut config: NativeEngineConfig,
         on_event: ThreadsafeFunction<NativeEvent>,
     ) -> napi::Result<Self> {
+        let remote_source = config.remote.take();
         let cfg = to_config(config).map_err(|(code, m)| Failure::new(code, m).into_js(&env))?;
         let sink = Box::new(move |e: EngineEvent| {
             // Non-blocking: if JS lags, events queue; the engine never waits for JS.
@@ -723,7 +727,15 @@ impl NativeEngine {
                 ThreadsafeFunctionCallMode::NonBlocking,
             );
         });
-        let handle = Engine::start(cfg, sink).map_err(|e| Failure::from(&e).into_js(&env))?;
+        let handle = match remote_source {
+            None => Engine::start(cfg, sink),
+            Some(r) => {
+                let source = remote::connect_source(r)
+                    .map_err(|(code, m)| Failure::new(code, m).into_js(&env))?;
+                Engine::start_with_source(cfg, source, sink)
+            }
+        }
+        .map_err(|e| Failure::from(&e).into_js(&env))?;
         Ok(Self {
             control: handle.control(),
             handle: Mutex::new(Some(handle)),

@@ -1,10 +1,12 @@
-//! The page server for Node: `startPageServer(config, onLog?)` → a handle with `close()`.
-//! Conversion only; the server is `lazy_restore_core::remote::server`.
+//! Remote pages for Node: `startPageServer(config, onLog?)` → a handle with `close()`, and the
+//! remote page sources an engine can read from. Conversion only; the logic is in
+//! `lazy_restore_core::remote`.
 
 use crate::NativeTaskPlan;
 use lazy_restore_core::plan::{RangePlan, TaskPlan};
 use lazy_restore_core::remote::server::{PageServer, ServerConfig};
 use lazy_restore_core::remote::store::PageStore;
+use lazy_restore_core::PageSource;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 use std::path::PathBuf;
@@ -141,5 +143,81 @@ impl NativePageServer {
         if let Some(mut s) = s {
             s.close();
         }
+    }
+}
+
+/// Where an engine's pages come from when they are not in local files.
+#[napi(object)]
+pub struct NativeRemoteSource {
+    /// 'lazy': `lazy-restore page-server`; 'criu': a CRIU page server (`criu dump --lazy-pages`).
+    #[napi(ts_type = "'lazy' | 'criu'")]
+    pub kind: String,
+    /// host:port
+    pub address: String,
+    /// 'lazy': the shared token.
+    pub token: Option<String>,
+    /// 'lazy': ask for lz4-compressed bulk chunks.
+    pub lz4: Option<bool>,
+    /// 'lazy': how long one outage may last before the restore fails (default 10 s).
+    pub grace_ms: Option<u32>,
+    /// 'criu': the 32-byte header of CRIU 4.2 instead of 4.1's 24 bytes.
+    pub criu42: Option<bool>,
+    /// 'criu': background GET size in pages (default 32).
+    pub piece_pages: Option<u32>,
+    /// The pstree pid of each task index.
+    pub pids: Vec<i32>,
+    /// 'criu': per task, the pages the source holds lazily (the only ones we may ask for).
+    pub lazy: Option<Vec<NativeLazyTask>>,
+}
+
+/// A task's lazily held pages: parallel arrays of start addresses and page counts.
+#[napi(object)]
+pub struct NativeLazyTask {
+    pub pid: i32,
+    pub starts: Vec<napi::bindgen_prelude::BigInt>,
+    pub pages: Vec<u32>,
+}
+
+/// Connects the source; on failure the error code ('REMOTE_*' or 'PLAN_INVALID') and message.
+pub fn connect_source(
+    r: NativeRemoteSource,
+) -> Result<Arc<dyn PageSource + Sync>, (&'static str, String)> {
+    use lazy_restore_core::remote::client::{ClientOptions, LazySource};
+    use lazy_restore_core::remote::criu::{CriuClient, CriuSource, HeaderLayout, LazyTask};
+    let fail = |e: lazy_restore_core::remote::RemoteError| (e.code(), e.to_string());
+    match r.kind.as_str() {
+        "lazy" => {
+            let mut o = ClientOptions::new(r.address);
+            o.token = r.token.map(String::into_bytes);
+            o.lz4 = r.lz4.unwrap_or(false);
+            if let Some(ms) = r.grace_ms {
+                o.grace = std::time::Duration::from_millis(u64::from(ms));
+            }
+            Ok(Arc::new(LazySource::connect(o, r.pids).map_err(fail)?))
+        }
+        "criu" => {
+            let mut lazy = Vec::new();
+            for t in r.lazy.unwrap_or_default() {
+                if t.starts.len() != t.pages.len() {
+                    return Err(("PLAN_INVALID", format!("task {}: {} starts but {} page counts", t.pid, t.starts.len(), t.pages.len())));
+                }
+                let ranges = t
+                    .starts
+                    .iter()
+                    .zip(&t.pages)
+                    .map(|(s, &n)| big(s, "start", t.pid).map(|a| (a, u64::from(n))))
+                    .collect::<napi::Result<Vec<_>>>()
+                    .map_err(|e| ("PLAN_INVALID", e.reason.clone()))?;
+                lazy.push(LazyTask { pid: t.pid, ranges });
+            }
+            let layout = if r.criu42.unwrap_or(false) { HeaderLayout::Criu42 } else { HeaderLayout::Criu41 };
+            let client = CriuClient::connect(&r.address, layout, lazy).map_err(fail)?;
+            let mut src = CriuSource::new(client, r.pids);
+            if let Some(p) = r.piece_pages {
+                src = src.with_piece_pages(p as usize);
+            }
+            Ok(Arc::new(src))
+        }
+        other => Err(("PLAN_INVALID", format!("unknown remote source kind '{other}' (expected 'lazy' or 'criu')"))),
     }
 }
