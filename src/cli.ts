@@ -118,7 +118,8 @@ export function buildProgram(out: (s: string) => void = (s) => process.stdout.wr
     .addOption(
       new Option('--policy <name>', 'transfer policy (see below)').choices(POLICIES.map((p) => p.name)).default('default'),
     )
-    .option('--record-profile <file>', 'record the order pages were first needed (per process) into FILE; this run serves without readahead')
+    .option('--record-profile <file>', 'record the order pages were first needed (per process) into FILE; this run serves without readahead and holds the background for --record-window')
+    .option('--record-window <ms>', 'with --record-profile: background copying starts this long after the restore finished', parseIntArg, 2000)
     .option('--profile <file>', 'prefetch the working set recorded in FILE first, in its order (ignored with a warning if recorded on other images)')
     .option('--page-server', "fetch lazy pages from CRIU's page server (criu dump --lazy-pages --port N), as criu lazy-pages does")
     .option('--address <host>', 'page server host (with --page-server)', '127.0.0.1')
@@ -215,6 +216,7 @@ interface ServeCliOptions {
   policy: string;
   profile?: string;
   recordProfile?: string;
+  recordWindow: number;
   /** false with the hidden --no-guardian. */
   guardian: boolean;
   pageServer?: boolean;
@@ -298,6 +300,7 @@ async function serveCommand(opts: ServeCliOptions, out: (s: string) => void): Pr
       policy: opts.policy,
       profile: opts.profile,
       recordProfile: opts.recordProfile,
+      recordWindowMs: opts.recordWindow,
       guardian: opts.guardian,
     });
   } catch (e) {

@@ -25,6 +25,11 @@ export interface BackgroundRule {
   thread: 'loop' | 'copier';
   /** Handle every ready event before each chunk (CRIU does). */
   drainBeforeChunk: boolean;
+  /**
+   * Background chunks (not prefetch) start this many ms after the restore-finished word
+   * (default 0). Recording runs hold the background so the profile sees every first touch.
+   */
+  startDelayMs?: number;
 }
 
 export interface Policy {

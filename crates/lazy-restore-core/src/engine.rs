@@ -799,7 +799,12 @@ impl FaultLoop {
         let now = Instant::now();
         if self.phase == Phase::Background
             && self.copier_handle.is_none()
-            && self.tasks.iter().any(|t| t.has_background_work(now))
+            && {
+                let held = self.background_held();
+                self.tasks
+                    .iter()
+                    .any(|t| t.has_background_work(now) && (!held || !t.prefetch.is_empty()))
+            }
         {
             return Some(Duration::ZERO);
         }
@@ -807,6 +812,11 @@ impl FaultLoop {
         let mut at_most = |d: Duration| t = Some(t.map_or(d, |x| x.min(d)));
         if !self.retries.is_empty() {
             at_most(EAGAIN_BACKOFF);
+        }
+        if self.phase == Phase::Background {
+            if let Some(left) = self.background_hold_left() {
+                at_most(left);
+            }
         }
         if self.phase == Phase::Background {
             for task in &self.tasks {
@@ -1708,6 +1718,9 @@ impl FaultLoop {
             }
         }
         let now = Instant::now();
+        if self.background_held() {
+            return None;
+        }
         let n = self.tasks.len();
         let idx = match self.policy.background.tasks {
             TaskOrder::OneAfterAnother => (0..n).find(|&i| self.tasks[i].has_background_work(now)),
@@ -1719,6 +1732,22 @@ impl FaultLoop {
         self.tasks[idx].backoff_until = None;
         let span = self.take_background(idx, None)?;
         Some((idx, span, CopyKind::Background))
+    }
+
+    /// Time left before background chunks may start (`Background::start_delay` after the
+    /// finished word), unless a finish-fast request lifted the hold.
+    fn background_hold_left(&self) -> Option<Duration> {
+        let delay = self.policy.background.start_delay;
+        if delay.is_zero() || self.shared.finish_fast.load(Ordering::Relaxed) {
+            return None;
+        }
+        let fin = Duration::from_micros(self.timeline.finished_us?);
+        let now = Duration::from_micros(self.us());
+        (fin + delay).checked_sub(now).filter(|d| !d.is_zero())
+    }
+
+    fn background_held(&self) -> bool {
+        self.background_hold_left().is_some()
     }
 
     /// The first pending run (at most `max_pages`) of task `idx`'s prefetch list.

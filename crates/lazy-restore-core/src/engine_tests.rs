@@ -1973,3 +1973,90 @@ fn round_robin_order_takes_one_chunk_per_range_in_turn() {
         assert!(check_page(&buf, p as u64), "page {p}");
     }
 }
+
+#[test]
+fn background_start_delay_holds_background_but_not_prefetch_and_finish_fast_lifts_it() {
+    let _l = shared_lock();
+    for thread in [CopyThread::Loop, CopyThread::Copier] {
+        let pages = 256u64;
+        let mut s = setup("start-delay", pages as usize, pages, &[(0, pages, 0)], &[]);
+        s.cfg.policy.background.thread = thread;
+        s.cfg.policy.background.start_delay = Duration::from_millis(300);
+        let base = s.region.addr();
+        s.cfg.policy.prefetch = vec![PrefetchPlan {
+            pid: sys::getpid(),
+            ranges: vec![PrefetchRange { start: base + 10 * PAGE_SIZE, pages: 5 }],
+        }];
+        let h = s.start();
+        let mut criu = s.handoff();
+        criu.finished();
+        let r = wait(h).expect("engine");
+        let fin = r.timeline.finished_us.expect("finished");
+        let pre = r.timeline.prefetch_done_us.expect("prefetch done");
+        let done = r.timeline.done_us.expect("done");
+        assert!(pre - fin < 200_000, "{thread:?}: prefetch waited {} µs", pre - fin);
+        assert!(done - fin >= 300_000, "{thread:?}: background began after {} µs", done - fin);
+        assert_eq!((r.tasks[0].pages_prefetch, r.tasks[0].pages_background), (5, pages - 5));
+        let mut buf = vec![0u8; P];
+        for p in 0..pages as usize {
+            s.region.read(p * P, &mut buf);
+            assert!(check_page(&buf, p as u64), "page {p}");
+        }
+    }
+    // A hold of a minute ends at once on finish_fast (the first SIGINT/SIGTERM of `serve`).
+    let pages = 64u64;
+    let mut s = setup("start-delay-ff", pages as usize, pages, &[(0, pages, 0)], &[]);
+    s.cfg.policy.background.start_delay = Duration::from_secs(60);
+    let h = s.start();
+    let mut criu = s.handoff();
+    criu.finished();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = std::time::Instant::now();
+    h.finish_fast();
+    let r = wait(h).expect("engine");
+    assert!(t.elapsed() < Duration::from_secs(10), "finish_fast did not lift the hold");
+    assert_eq!(r.tasks[0].pages_background, pages);
+}
+
+/// Prefetch of a scattered working set (single pages, 5% of 512 MiB, in random order), no
+/// faults: µs per page from the finished word to `prefetchDoneUs`. The replayed process chases
+/// this rate when its access order matches the profile (`cargo test --release ... -- --ignored
+/// measure_prefetch_scattered --nocapture`).
+#[test]
+#[ignore]
+fn measure_prefetch_scattered() {
+    let _l = shared_lock();
+    let pages = 131072u64;
+    for rep in 0..3 {
+        let mut s = setup("prefetch-scattered", pages as usize, pages, &[(0, pages, 0)], &[]);
+        s.cfg.policy = Policy::default();
+        let base = s.region.addr();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ rep;
+        let mut seen = std::collections::HashSet::new();
+        let mut ranges = Vec::new();
+        while ranges.len() < (pages / 20) as usize {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let p = x % pages;
+            if seen.insert(p) {
+                ranges.push(PrefetchRange { start: base + p * PAGE_SIZE, pages: 1 });
+            }
+        }
+        let n = ranges.len() as u64;
+        s.cfg.policy.prefetch = vec![PrefetchPlan { pid: sys::getpid(), ranges }];
+        let h = s.start();
+        let mut criu = s.handoff();
+        criu.finished();
+        let r = wait(h).expect("engine");
+        let fin = r.timeline.finished_us.expect("finished");
+        let pre = r.timeline.prefetch_done_us.expect("prefetch done");
+        let done = r.timeline.done_us.expect("done");
+        println!(
+            "prefetch {n} scattered pages: {:.2} µs/page ({} µs); then background {:.2} GB/s",
+            (pre - fin) as f64 / n as f64,
+            pre - fin,
+            ((pages - n) * PAGE_SIZE) as f64 / ((done - pre) as f64 * 1e3)
+        );
+    }
+}

@@ -172,6 +172,10 @@ pub struct Background {
     /// When false, each ready userfaultfd gets one read (up to 64 messages) per chunk, so a
     /// fault storm cannot starve the background.
     pub drain_before_chunk: bool,
+    /// Background chunks (not prefetch) start this long after the restore-finished word (0:
+    /// at once). A recording run holds the background so that the process's own faults, not
+    /// pages the background happened to install first, show what it needs.
+    pub start_delay: std::time::Duration,
 }
 
 /// A run of pages to prefetch: image address (page aligned) and length in pages.
@@ -226,6 +230,7 @@ impl Policy {
                 tasks: TaskOrder::OneAfterAnother,
                 thread: CopyThread::Loop,
                 drain_before_chunk: true,
+                start_delay: std::time::Duration::ZERO,
             },
             prefetch: Vec::new(),
             record_faults: false,
@@ -321,6 +326,7 @@ impl Default for Policy {
                 tasks: TaskOrder::Interleaved,
                 thread: CopyThread::Copier,
                 drain_before_chunk: false,
+                start_delay: std::time::Duration::ZERO,
             },
             prefetch: Vec::new(),
             record_faults: false,

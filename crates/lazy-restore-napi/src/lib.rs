@@ -108,6 +108,8 @@ pub struct NativeBackground {
     /// Loop thread: handle every ready event before each chunk (criu). Otherwise one read per
     /// ready userfaultfd per chunk, so a fault storm cannot starve the background.
     pub drain_before_chunk: bool,
+    /// Background chunks (not prefetch) start this many ms after the finished word (default 0).
+    pub start_delay_ms: Option<u32>,
 }
 
 /// One run of the working set: image address (page aligned) and length in pages.
@@ -156,6 +158,7 @@ fn to_policy(p: NativePolicy) -> Result<Policy, String> {
         tasks: TaskOrder::parse(&b.tasks).ok_or_else(|| bad("background.tasks", &b.tasks))?,
         thread: CopyThread::parse(&b.thread).ok_or_else(|| bad("background.thread", &b.thread))?,
         drain_before_chunk: b.drain_before_chunk,
+        start_delay: Duration::from_millis(u64::from(b.start_delay_ms.unwrap_or(0))),
     };
     let prefetch = p
         .prefetch
