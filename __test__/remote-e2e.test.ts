@@ -134,8 +134,8 @@ test.serial('the page server is killed at a random point mid-transfer: either ev
       const ps = await startOurPageServer(d.imgs);
       const work = join(dir, 'work');
       const daemon = await startOurDaemon(d.imgs, work, ['--source', `lazy://127.0.0.1:${ps.port}`, '--grace', '0.5']);
-      // Early, middle and late cuts (the whole transfer takes a few hundred ms here).
-      const delay = [0, 150, 500][i]! + Math.floor(Math.random() * [150, 350, 1000][i]!);
+      // Early, middle and late cuts (restore + transfer take about a second here).
+      const delay = [0, 150, 1200][i]! + Math.floor(Math.random() * [150, 600, 1500][i]!);
       const cut = setTimeout(() => ps.child.kill('SIGKILL'), delay);
       const r = await restoreLazily(d, daemon, work, 60_000);
       clearTimeout(cut);
