@@ -231,23 +231,33 @@ impl CriuClient {
 /// image address. When the last lazy page has been read, the session is CLOSEd.
 ///
 /// CRIU's protocol has one FIFO stream, so faults come first by policy: a background read is
-/// sent as GETs of at most `piece_pages` (about one bandwidth-delay product), one at a time,
-/// and before each piece the copier lets any waiting fault go first. A fault therefore waits
-/// for at most one piece in flight, not a whole background chunk.
+/// sent as GETs of one "piece" at a time, and before each piece the copier lets any waiting
+/// fault go first, so a fault waits for at most one piece in flight, not a 4 MiB chunk. The
+/// piece starts at about one bandwidth-delay product (32 pages: 1 Gbit/s x 1 ms), doubles
+/// after every piece during which no fault was served (up to 256 pages, so a quiet transfer
+/// pays one round trip per MiB, not per 128 KiB), and drops back when faults come.
 pub struct CriuSource {
     pids: Vec<i32>,
     client: Mutex<CriuClient>,
     /// Faults waiting for the connection.
     urgent_waiting: AtomicUsize,
-    piece_pages: usize,
+    /// Faults served so far (a change means "faults are coming": shrink the pieces).
+    urgent_served: AtomicUsize,
+    /// `urgent_served` when the last piece was sent.
+    served_seen: AtomicUsize,
+    min_piece: usize,
+    max_piece: usize,
+    piece: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Default background piece: 32 pages (128 KiB), about 1 Gbit/s x 1 ms.
+/// Smallest background piece: 32 pages (128 KiB), about 1 Gbit/s x 1 ms.
 pub const DEFAULT_PIECE_PAGES: usize = 32;
+/// Largest background piece: 256 pages (1 MiB).
+pub const MAX_PIECE_PAGES: usize = 256;
 
 impl CriuSource {
     /// Wraps a connected client.
@@ -256,13 +266,19 @@ impl CriuSource {
             pids,
             client: Mutex::new(client),
             urgent_waiting: AtomicUsize::new(0),
-            piece_pages: DEFAULT_PIECE_PAGES,
+            urgent_served: AtomicUsize::new(0),
+            served_seen: AtomicUsize::new(0),
+            min_piece: DEFAULT_PIECE_PAGES,
+            max_piece: MAX_PIECE_PAGES,
+            piece: AtomicUsize::new(DEFAULT_PIECE_PAGES),
         }
     }
 
-    /// Background GET size in pages (at least 1).
+    /// A fixed background piece of `pages` (at least 1): no growing.
     pub fn with_piece_pages(mut self, pages: usize) -> Self {
-        self.piece_pages = pages.max(1);
+        self.min_piece = pages.max(1);
+        self.max_piece = self.min_piece;
+        self.piece = AtomicUsize::new(self.min_piece);
         self
     }
 
@@ -290,14 +306,26 @@ impl CriuSource {
 impl PageSource for CriuSource {
     fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let pid = self.pid(file)?;
-        let piece = self.piece_pages * PAGE as usize;
-        for (i, part) in buf.chunks_mut(piece).enumerate() {
+        let mut done = 0usize;
+        while done < buf.len() {
             // Faults first: let every waiting fault take the connection before this piece.
             while self.urgent_waiting.load(Ordering::Acquire) > 0 {
                 std::thread::yield_now();
             }
-            let mut c = lock(&self.client);
-            Self::get(&mut c, pid, offset + (i * piece) as u64, part)?;
+            // A fault served since the last piece (during it, or between two reads): start
+            // small again.
+            let served = self.urgent_served.load(Ordering::Acquire);
+            let mut pages = self.piece.load(Ordering::Relaxed);
+            if self.served_seen.swap(served, Ordering::AcqRel) != served {
+                pages = self.min_piece;
+            }
+            let end = (done + pages * PAGE as usize).min(buf.len());
+            {
+                let mut c = lock(&self.client);
+                Self::get(&mut c, pid, offset + done as u64, &mut buf[done..end])?;
+            }
+            done = end;
+            self.piece.store((pages * 2).min(self.max_piece), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -307,6 +335,7 @@ impl PageSource for CriuSource {
         self.urgent_waiting.fetch_add(1, Ordering::AcqRel);
         let mut c = lock(&self.client);
         self.urgent_waiting.fetch_sub(1, Ordering::AcqRel);
+        self.urgent_served.fetch_add(1, Ordering::AcqRel);
         Self::get(&mut c, pid, offset, buf)
     }
 }

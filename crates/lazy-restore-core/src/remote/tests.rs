@@ -451,28 +451,30 @@ fn criu_41_client_continues_clamped_replies_and_closes_only_when_complete() {
 }
 
 #[test]
-fn criu_source_sends_background_reads_as_capped_pieces_and_faults_whole() {
+fn criu_source_sends_background_in_growing_pieces_that_faults_shrink_and_faults_whole() {
     let fx = fixture("criu-pieces");
     let fake = fake_criu(&fx, HeaderLayout::Criu41, 1024);
     let c = CriuClient::connect(&fake.addr, HeaderLayout::Criu41, lazy_of(&fx)).unwrap();
     let src = CriuSource::new(c, vec![10, 11]);
-    // Background: 300 pages go out as 32-page GETs (one bandwidth-delay product each), so a
-    // fault waits behind one piece at most.
-    let mut big = vec![0u8; 300 * PAGE];
-    src.read(0, 0x400000, &mut big).unwrap();
-    check(10, 0x400000, &big);
+    // Background with no faults: pieces start at 32 pages (one bandwidth-delay product) and
+    // double while no fault comes: 32 + 64 + the last 4 of 100.
+    let mut a = vec![0u8; 100 * PAGE];
+    src.read(0, 0x400000, &mut a).unwrap();
+    check(10, 0x400000, &a);
     // A fault and its readahead: one GET, however large.
     let mut ra = vec![0u8; 8 * PAGE];
     src.read_urgent(0, 0x10000, &mut ra).unwrap();
     check(10, 0x10000, &ra);
+    // After a fault the pieces start small again: 32 + 64 + the last 104 of 200.
+    let mut b = vec![0u8; 200 * PAGE];
+    src.read(0, 0x400000 + 100 * PAGE as u64, &mut b).unwrap();
+    check(10, 0x400000 + 100 * PAGE as u64, &b);
     let mut rest = vec![0u8; 4 * PAGE];
     src.read_urgent(1, 0x10000, &mut rest).unwrap();
     assert_eq!(src.missing_pages(), 0);
     let seen = fake.thread.join().unwrap();
     let gets: Vec<u64> = seen.iter().filter(|h| h.cmd == PS_IOV_GET).map(|h| h.nr_pages).collect();
-    let mut want = vec![32u64; 9];
-    want.extend([12, 8, 4]);
-    assert_eq!(gets, want);
+    assert_eq!(gets, vec![32, 64, 4, 8, 32, 64, 104, 4]);
     assert_eq!(seen.last().map(|h| h.cmd), Some(PS_IOV_CLOSE));
 }
 
