@@ -633,6 +633,11 @@ impl FaultLoop {
                 Err(self.fail(e))
             }
         };
+        if let Err(e) = self.source.finish(result.is_ok()) {
+            let at_us = self.us();
+            let message = format!("the transfer is complete, but ending the page source's session failed: {e}");
+            self.emit(EngineEvent::Warning { at_us, message });
+        }
         self.check_done();
         self.set_phase(Phase::Done);
         // Before our uffds close: DONE lets the guardian go; with pages still missing (a

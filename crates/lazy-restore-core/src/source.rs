@@ -96,6 +96,14 @@ pub trait PageSource: Send {
     /// already on their way. `key` identifies the job (increasing; a repeated key is ignored).
     fn prepare(&self, _key: u64, _spans: &[(u32, u64, u64)]) {}
 
+    /// The engine has ended: `complete` when every page it was responsible for is in (or no
+    /// longer needed). A session-based source ends its session here (CRIU's page server is
+    /// told CLOSE only after a complete transfer; otherwise it resumes the source tasks). An
+    /// error is reported as a warning: the restore itself is done.
+    fn finish(&self, _complete: bool) -> Result<(), SourceError> {
+        Ok(())
+    }
+
     /// The address in this process where bytes `[offset, offset+len)` of file `file` are
     /// mapped, to be used only as a UFFDIO_COPY source (never read from user space). `None`:
     /// use [`PageSource::read`].

@@ -98,6 +98,9 @@ pub struct LazyTask {
     pub ranges: Vec<(u64, u64)>,
 }
 
+/// How long a CRIU page server may take to answer or accept bytes before it counts as gone.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A session with a CRIU page server.
 pub struct CriuClient {
     addr: String,
@@ -121,6 +124,10 @@ impl CriuClient {
             last: format!("connect: {e}"),
         })?;
         let _ = s.set_nodelay(true);
+        // CRIU's server allows no reconnect: a reply this late means the source is gone, and
+        // failing (the tree is killed) beats a restored process hung forever.
+        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
         let writer = s.try_clone().map_err(|e| RemoteError::Protocol { addr: addr.to_string(), what: e.to_string() })?;
         let total_pages = lazy.iter().flat_map(|t| &t.ranges).map(|r| r.1).sum();
         Ok(Self {
@@ -197,6 +204,33 @@ impl CriuClient {
         Ok(())
     }
 
+    /// Fetches (and discards) every lazy page not fetched yet, then CLOSEs: a migration whose
+    /// process never needed some pages (it unmapped them, or exited) still ends with CLOSE, so
+    /// the source tasks are killed instead of resumed next to the restored ones.
+    pub fn drain_and_close(&mut self) -> Result<(), RemoteError> {
+        let mut gaps = Vec::new();
+        for (&pid, ranges) in &self.lazy {
+            for &(start, n) in ranges {
+                let end = start + n * PAGE;
+                let mut x = start;
+                while let Some((a, b)) = self.got.first_gap(pid, x, end) {
+                    gaps.push((pid, a, b));
+                    x = b;
+                }
+            }
+        }
+        let mut buf = vec![0u8; 256 * PAGE as usize];
+        for (pid, a, b) in gaps {
+            let mut x = a;
+            while x < b {
+                let len = (b - x).min(buf.len() as u64) as usize;
+                self.get(pid, x, &mut buf[..len])?;
+                x += len as u64;
+            }
+        }
+        self.close()
+    }
+
     /// Lazy pages not fetched yet.
     pub fn missing_pages(&self) -> u64 {
         self.total_pages.saturating_sub(self.got.bytes() / PAGE)
@@ -228,7 +262,7 @@ impl CriuClient {
 }
 
 /// A [`PageSource`] over a CRIU page server: file index = task index into `pids`, offset =
-/// image address. When the last lazy page has been read, the session is CLOSEd.
+/// image address. The session is CLOSEd when the engine ends complete ([`PageSource::finish`]).
 ///
 /// CRIU's protocol has one FIFO stream, so faults come first by policy: a background read is
 /// sent as GETs of one "piece" at a time, and before each piece the copier lets any waiting
@@ -295,11 +329,10 @@ impl CriuSource {
     }
 
     fn get(c: &mut CriuClient, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        c.get(pid, addr, buf).map_err(SourceError::Remote)?;
-        if c.missing_pages() == 0 {
-            c.close().map_err(SourceError::Remote)?;
-        }
-        Ok(())
+        // No CLOSE once every page has come: a child forked after the restore needs its own
+        // copy of pages the parent already got (CRIU's server tees them: asking again works).
+        // The session ends in `finish`.
+        c.get(pid, addr, buf).map_err(SourceError::Remote)
     }
 }
 
@@ -328,6 +361,14 @@ impl PageSource for CriuSource {
             self.piece.store((pages * 2).min(self.max_piece), Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    fn finish(&self, complete: bool) -> Result<(), SourceError> {
+        // Incomplete (the tree was killed): no CLOSE, so the source resumes its tasks.
+        if !complete {
+            return Ok(());
+        }
+        lock(&self.client).drain_and_close().map_err(SourceError::Remote)
     }
 
     fn read_urgent(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {

@@ -438,12 +438,15 @@ fn criu_41_client_continues_clamped_replies_and_closes_only_when_complete() {
         src.read(1, 0x10000, &mut last).unwrap();
         check(11, 0x10000, &last);
         assert_eq!(src.missing_pages(), 0);
+        // Pages may be asked for again (a forked child): no CLOSE until the engine is done.
+        src.read(1, 0x10000, &mut last).unwrap();
+        src.finish(true).unwrap();
         let seen = fake.thread.join().unwrap();
         // 300 pages clamped at 100: three GETs of 300, 200, 100; then 8, 4, CLOSE.
         let gets: Vec<(u64, u64)> = seen.iter().filter(|h| h.cmd == PS_IOV_GET).map(|h| (h.vaddr, h.nr_pages)).collect();
         assert_eq!(
             gets,
-            vec![(0x400000, 300), (0x400000 + 100 * 4096, 200), (0x400000 + 200 * 4096, 100), (0x10000, 8), (0x10000, 4)]
+            vec![(0x400000, 300), (0x400000 + 100 * 4096, 200), (0x400000 + 200 * 4096, 100), (0x10000, 8), (0x10000, 4), (0x10000, 4)]
         );
         assert!(seen.iter().all(|h| h.cmd != PS_IOV_GET || h.dst_id == 10 || h.dst_id == 11));
         assert_eq!(seen.last().map(|h| h.cmd), Some(PS_IOV_CLOSE));
@@ -472,10 +475,39 @@ fn criu_source_sends_background_in_growing_pieces_that_faults_shrink_and_faults_
     let mut rest = vec![0u8; 4 * PAGE];
     src.read_urgent(1, 0x10000, &mut rest).unwrap();
     assert_eq!(src.missing_pages(), 0);
+    src.finish(true).unwrap();
     let seen = fake.thread.join().unwrap();
     let gets: Vec<u64> = seen.iter().filter(|h| h.cmd == PS_IOV_GET).map(|h| h.nr_pages).collect();
     assert_eq!(gets, vec![32, 64, 4, 8, 32, 64, 104, 4]);
     assert_eq!(seen.last().map(|h| h.cmd), Some(PS_IOV_CLOSE));
+}
+
+#[test]
+fn criu_source_finish_fetches_what_was_never_needed_then_closes_only_if_complete() {
+    // A complete restore whose process never touched some pages: fetch them, then CLOSE (so
+    // the source tasks are killed, not resumed beside the restored ones).
+    let fx = fixture("criu-finish");
+    let fake = fake_criu(&fx, HeaderLayout::Criu41, 1024);
+    let c = CriuClient::connect(&fake.addr, HeaderLayout::Criu41, lazy_of(&fx)).unwrap();
+    let src = CriuSource::new(c, vec![10, 11]);
+    let mut b = vec![0u8; 8 * PAGE];
+    src.read_urgent(0, 0x10000, &mut b).unwrap();
+    src.finish(true).unwrap();
+    assert_eq!(src.missing_pages(), 0);
+    let seen = fake.thread.join().unwrap();
+    let got: u64 = seen.iter().filter(|h| h.cmd == PS_IOV_GET).map(|h| h.nr_pages).sum();
+    assert_eq!(got, 312);
+    assert_eq!(seen.last().map(|h| h.cmd), Some(PS_IOV_CLOSE));
+    // A failed restore: nothing more is asked, no CLOSE.
+    let fx = fixture("criu-finish-fail");
+    let fake = fake_criu(&fx, HeaderLayout::Criu41, 1024);
+    let c = CriuClient::connect(&fake.addr, HeaderLayout::Criu41, lazy_of(&fx)).unwrap();
+    let src = CriuSource::new(c, vec![10, 11]);
+    src.read_urgent(0, 0x10000, &mut b).unwrap();
+    src.finish(false).unwrap();
+    drop(src);
+    let seen = fake.thread.join().unwrap();
+    assert!(seen.iter().all(|h| h.cmd == PS_IOV_GET) && seen.len() == 1, "{seen:?}");
 }
 
 #[test]
