@@ -467,16 +467,14 @@ impl BulkClient {
 /// A [`PageSource`] over lazy-restore's page server. Plans address it with file index = task
 /// index (into `pids`) and offset = image address.
 ///
-/// Faults and their readahead ([`PageSource::read_urgent`], and any read of at most
-/// `urgent_pages`) go over the urgent connection, one GET each, never queued behind bulk
-/// bytes. The copier's jobs are announced with [`PageSource::prepare`] and become bulk
+/// Faults and their readahead ([`PageSource::read_urgent`]) go over the urgent connection,
+/// one GET each, never queued behind bulk bytes. The copier's jobs are announced with [`PageSource::prepare`] and become bulk
 /// streams at once, so the server keeps the bulk connection full while the copier installs
 /// the previous job; its reads then take the bytes from what has arrived (waiting for the rest).
 pub struct LazySource {
     pids: Vec<i32>,
     urgent: UrgentClient,
     bulk: Mutex<BulkState>,
-    urgent_pages: usize,
 }
 
 struct BulkState {
@@ -492,9 +490,10 @@ struct BulkState {
     failed: Option<RemoteError>,
 }
 
-/// Prepared streams whose chunks are kept: the job being copied, the next one, and one more
-/// for a job that the loop cancelled (faults took its pages) before the copier read them.
-const KEEP_STREAMS: usize = 3;
+/// Streams whose chunks are kept (and not cancelled): the job being copied, the next one, one
+/// more for a job the loop ended early, and a stream a read started for itself. At most one
+/// 4 MiB job each.
+const KEEP_STREAMS: usize = 4;
 
 /// Largest chunk the server sends, in bytes: how far below a read a chunk may start.
 const MAX_CHUNK: u64 = MAX_PAGES as u64 * PAGE as u64;
@@ -511,19 +510,6 @@ impl BulkState {
                     .copy_from_slice(&data[(lo - a) as usize..(hi - a) as usize]);
                 got.insert(pid, lo, hi);
             }
-        }
-    }
-
-    /// Forgets chunks that lie wholly inside a read that was served.
-    fn consumed(&mut self, pid: i32, addr: u64, end: u64) {
-        let used: Vec<(i32, u64)> = self
-            .stash
-            .range((pid, addr)..(pid, end))
-            .filter(|(&(_, a), (_, d))| a + d.len() as u64 <= end)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in used {
-            self.stash.remove(&k);
         }
     }
 
@@ -578,17 +564,14 @@ impl LazySource {
                 last_key: 0,
                 failed: None,
             }),
-            urgent_pages: 4,
         })
     }
 
-    /// Reads by pid directly: over the urgent connection if small, else from the bulk
-    /// streams (a stream of its own when no prepared stream brings these pages).
+    /// Reads by pid directly, from the bulk streams (a stream of its own when no prepared
+    /// stream brings these pages). Chunks stay in the stash after a read until their stream
+    /// ages out: the copier reads a span again when the loop changed its job meanwhile (a
+    /// fault took a page of it), and that must not fetch the span again.
     pub fn read_pid(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), RemoteError> {
-        let pages = buf.len() / PAGE;
-        if pages <= self.urgent_pages {
-            return self.urgent.fetch(pid, addr, buf);
-        }
         let end = addr + buf.len() as u64;
         let mut got = IntervalSet::new();
         let mut st = lock(&self.bulk);
@@ -599,7 +582,6 @@ impl LazySource {
         loop {
             st.take(pid, addr, buf, &mut got);
             if got.first_gap(pid, addr, end).is_none() {
-                st.consumed(pid, addr, end);
                 return Ok(());
             }
             if st.open.is_empty() {
