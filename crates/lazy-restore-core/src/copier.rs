@@ -382,8 +382,23 @@ impl Drop for Copier {
     }
 }
 
+/// What `buf` holds: `len` bytes of file `file` from `offset`.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    file: u32,
+    offset: u64,
+    len: u64,
+}
+
+impl Held {
+    fn covers(&self, file: u32, offset: u64, len: u64) -> bool {
+        self.file == file && self.offset <= offset && offset + len <= self.offset + self.len
+    }
+}
+
 fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
     let mut buf: Vec<u8> = Vec::new();
+    let mut held: Option<Held> = None;
     // Jobs up to this id were announced to the source (`PageSource::prepare`).
     let mut prepared = 0u64;
     let mut g = lock(&sh.slot);
@@ -430,11 +445,23 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
             // fault (and wakes it); so the loop's count of queued faults never shrinks behind
             // its back (see `Uffd::pending_faults`).
             Some(addr) => uffd::copy_from(fd.as_fd(), span.runtime, addr, len, true),
+            // Bytes already read for an earlier piece (a copy that stopped at a page a fault
+            // had installed, a job the loop changed meanwhile): image bytes never change, so
+            // they are copied from the buffer, not read again (a remote source would fetch
+            // them again over the network).
+            None if held.is_some_and(|h| h.covers(span.file, span.offset, len)) => {
+                let at = (span.offset - held.map_or(0, |h| h.offset)) as usize;
+                uffd::copy(fd.as_fd(), span.runtime, &buf[at..at + len as usize], true)
+            }
             None => {
                 // Read outside the lock, then make sure the loop did not change the job.
                 drop(g);
+                held = None;
                 buf.resize(len as usize, 0);
                 let read = source.read(span.file, span.offset, &mut buf);
+                if read.is_ok() {
+                    held = Some(Held { file: span.file, offset: span.offset, len });
+                }
                 g = lock(&sh.slot);
                 let Some(job) = g.active.as_mut() else {
                     continue;
@@ -453,7 +480,7 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
                     });
                     continue;
                 }
-                uffd::copy(fd.as_fd(), span.runtime, &buf, true)
+                uffd::copy(fd.as_fd(), span.runtime, &buf[..len as usize], true)
             }
         };
         let Some(job) = g.active.as_mut() else {
