@@ -162,7 +162,7 @@ pub struct NativeRemoteSource {
     pub grace_ms: Option<u32>,
     /// 'criu': the 32-byte header of CRIU 4.2 instead of 4.1's 24 bytes.
     pub criu42: Option<bool>,
-    /// 'criu': background GET size in pages (default 32).
+    /// 'criu': background GET size in pages (default 32; at most 8 in flight).
     pub piece_pages: Option<u32>,
     /// The pstree pid of each task index.
     pub pids: Vec<i32>,
@@ -214,7 +214,7 @@ pub fn connect_source(
             let client = CriuClient::connect(&r.address, layout, lazy).map_err(fail)?;
             let mut src = CriuSource::new(client, r.pids);
             if let Some(p) = r.piece_pages {
-                src = src.with_piece_pages(p as usize);
+                src = src.with_pieces(u64::from(p), u64::from(p).max(1) * 4096 * 8);
             }
             Ok(Arc::new(src))
         }

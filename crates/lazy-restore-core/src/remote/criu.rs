@@ -18,12 +18,12 @@
 use crate::remote::intervals::IntervalSet;
 use crate::remote::RemoteError;
 use crate::source::{PageSource, SourceError};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// PS_IOV_GET.
 pub const PS_IOV_GET: u32 = 7;
@@ -110,8 +110,26 @@ pub struct CriuClient {
     lazy: HashMap<i32, Vec<(u64, u64)>>,
     total_pages: u64,
     got: IntervalSet,
+    /// GETs sent and not answered yet, oldest first (the server answers in order).
+    outstanding: VecDeque<Asked>,
     broken: bool,
     closed: bool,
+}
+
+/// One GET in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Asked {
+    pid: i32,
+    addr: u64,
+    pages: u64,
+}
+
+/// A reply: `data` holds the pages of `pid` from image address `addr`.
+#[derive(Debug)]
+pub struct Reply {
+    pub pid: i32,
+    pub addr: u64,
+    pub data: Vec<u8>,
 }
 
 impl CriuClient {
@@ -138,6 +156,7 @@ impl CriuClient {
             lazy: lazy.into_iter().map(|t| (t.pid, t.ranges)).collect(),
             total_pages,
             got: IntervalSet::new(),
+            outstanding: VecDeque::new(),
             broken: false,
             closed: false,
         })
@@ -155,51 +174,98 @@ impl CriuClient {
         RemoteError::Unavailable { addr: self.addr.clone(), grace: Duration::ZERO, last: what }
     }
 
-    /// Fetches `buf.len() / 4096` pages of `pid` at image address `addr`, asking again for the
-    /// rest whenever a reply brings fewer pages than asked.
-    pub fn get(&mut self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), RemoteError> {
-        let pages = (buf.len() as u64) / PAGE;
-        if !self.holds(pid, addr, pages) {
+    fn ended(&self) -> Option<RemoteError> {
+        (self.broken || self.closed).then(|| RemoteError::Unavailable {
+            addr: self.addr.clone(),
+            grace: Duration::ZERO,
+            last: "the session already ended".into(),
+        })
+    }
+
+    /// Sends a GET for `pages` pages of `pid` at `addr` without waiting for the reply (the
+    /// server answers GETs in the order they were sent: [`CriuClient::recv`]). Refuses, before
+    /// sending anything, pages the source does not hold lazily.
+    pub fn send_get(&mut self, pid: i32, addr: u64, pages: u64) -> Result<(), RemoteError> {
+        if pages == 0 || !self.holds(pid, addr, pages) {
             return Err(RemoteError::NotLazy { pid, addr, pages });
         }
-        if self.broken || self.closed {
-            return Err(RemoteError::Unavailable {
+        if let Some(e) = self.ended() {
+            return Err(e);
+        }
+        let req = self.layout.encode(&PsIov { cmd: PS_IOV_GET, nr_pages: pages, vaddr: addr, dst_id: pid as u64 });
+        if let Err(e) = self.writer.write_all(&req) {
+            return Err(self.lost(format!("sending GET: {e}")));
+        }
+        self.outstanding.push_back(Asked { pid, addr, pages });
+        Ok(())
+    }
+
+    /// GETs in flight, and the pages they asked for.
+    pub fn in_flight(&self) -> (usize, u64) {
+        (self.outstanding.len(), self.outstanding.iter().map(|a| a.pages).sum())
+    }
+
+    /// True if a GET in flight asks for page `addr` of `pid`.
+    pub fn asked(&self, pid: i32, addr: u64) -> bool {
+        self.outstanding.iter().any(|a| a.pid == pid && a.addr <= addr && addr < a.addr + a.pages * PAGE)
+    }
+
+    /// Reads the reply to the oldest GET in flight. A reply with fewer pages than asked (the
+    /// server stops at the end of one of its page pipes) is fine: the rest is asked for again
+    /// at once, at the back of the queue.
+    pub fn recv(&mut self) -> Result<Reply, RemoteError> {
+        let Some(asked) = self.outstanding.pop_front() else {
+            return Err(RemoteError::Protocol { addr: self.addr.clone(), what: "no GET in flight to read a reply for".into() });
+        };
+        let hl = self.layout.header_len();
+        let Asked { pid, addr, pages } = asked;
+        let mut h = [0u8; 32];
+        if let Err(e) = self.reader.read_exact(&mut h[..hl]) {
+            return Err(self.lost(format!("reading the reply to GET {addr:#x}: {e}")));
+        }
+        let r = self.layout.decode(&h[..hl]);
+        if r.cmd != PS_REPLY || r.vaddr != addr || r.dst_id != pid as u64 || r.nr_pages == 0 || r.nr_pages > pages {
+            self.broken = true;
+            return Err(RemoteError::Protocol {
                 addr: self.addr.clone(),
-                grace: Duration::ZERO,
-                last: "the session already ended".into(),
+                what: format!(
+                    "GET {pages} pages at {addr:#x} of {pid} got header cmd {:#x} nr {} vaddr {:#x} id {}",
+                    r.cmd, r.nr_pages, r.vaddr, r.dst_id
+                ),
             });
         }
-        let hl = self.layout.header_len();
-        let mut done = 0u64;
-        while done < pages {
-            let vaddr = addr + done * PAGE;
-            let ask = pages - done;
-            let req = self.layout.encode(&PsIov { cmd: PS_IOV_GET, nr_pages: ask, vaddr, dst_id: pid as u64 });
-            if let Err(e) = self.writer.write_all(&req) {
-                return Err(self.lost(format!("sending GET: {e}")));
-            }
-            let mut h = [0u8; 32];
-            if let Err(e) = self.reader.read_exact(&mut h[..hl]) {
-                return Err(self.lost(format!("reading the reply to GET {vaddr:#x}: {e}")));
-            }
-            let r = self.layout.decode(&h[..hl]);
-            if r.cmd != PS_REPLY || r.vaddr != vaddr || r.dst_id != pid as u64 || r.nr_pages == 0 || r.nr_pages > ask {
-                self.broken = true;
-                return Err(RemoteError::Protocol {
-                    addr: self.addr.clone(),
-                    what: format!(
-                        "GET {ask} pages at {vaddr:#x} of {pid} got header cmd {:#x} nr {} vaddr {:#x} id {}",
-                        r.cmd, r.nr_pages, r.vaddr, r.dst_id
-                    ),
-                });
-            }
-            let from = (done * PAGE) as usize;
-            let to = from + (r.nr_pages * PAGE) as usize;
-            if let Err(e) = self.reader.read_exact(&mut buf[from..to]) {
-                return Err(self.lost(format!("reading {} pages at {vaddr:#x}: {e}", r.nr_pages)));
-            }
-            self.got.insert(pid, vaddr, vaddr + r.nr_pages * PAGE);
-            done += r.nr_pages;
+        let mut data = vec![0u8; (r.nr_pages * PAGE) as usize];
+        if let Err(e) = self.reader.read_exact(&mut data) {
+            return Err(self.lost(format!("reading {} pages at {addr:#x}: {e}", r.nr_pages)));
+        }
+        self.got.insert(pid, addr, addr + r.nr_pages * PAGE);
+        if r.nr_pages < pages {
+            self.send_get(pid, addr + r.nr_pages * PAGE, pages - r.nr_pages)?;
+        }
+        Ok(Reply { pid, addr, data })
+    }
+
+    /// Fetches `buf.len() / 4096` pages of `pid` at image address `addr` and waits for them
+    /// (no other GET may be in flight).
+    pub fn get(&mut self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), RemoteError> {
+        if !self.outstanding.is_empty() {
+            return Err(RemoteError::Protocol { addr: self.addr.clone(), what: "a blocking GET while pipelined GETs are in flight".into() });
+        }
+        let end = addr + buf.len() as u64;
+        self.send_get(pid, addr, (buf.len() as u64) / PAGE)?;
+        while !self.outstanding.is_empty() {
+            let r = self.recv()?;
+            let at = (r.addr - addr) as usize;
+            buf[at..at + r.data.len()].copy_from_slice(&r.data);
+            debug_assert!(r.addr + r.data.len() as u64 <= end);
+        }
+        Ok(())
+    }
+
+    /// Reads (and drops) the replies to every GET in flight.
+    pub fn settle(&mut self) -> Result<(), RemoteError> {
+        while !self.outstanding.is_empty() {
+            self.recv()?;
         }
         Ok(())
     }
@@ -208,6 +274,7 @@ impl CriuClient {
     /// process never needed some pages (it unmapped them, or exited) still ends with CLOSE, so
     /// the source tasks are killed instead of resumed next to the restored ones.
     pub fn drain_and_close(&mut self) -> Result<(), RemoteError> {
+        self.settle()?;
         let mut gaps = Vec::new();
         for (&pid, ranges) in &self.lazy {
             for &(start, n) in ranges {
@@ -264,61 +331,230 @@ impl CriuClient {
 /// A [`PageSource`] over a CRIU page server: file index = task index into `pids`, offset =
 /// image address. The session is CLOSEd when the engine ends complete ([`PageSource::finish`]).
 ///
-/// CRIU's protocol has one FIFO stream, so faults come first by policy: a background read is
-/// sent as GETs of one "piece" at a time, and before each piece the copier lets any waiting
-/// fault go first, so a fault waits for at most one piece in flight, not a 4 MiB chunk. The
-/// piece starts at about one bandwidth-delay product (32 pages: 1 Gbit/s x 1 ms), doubles
-/// after every piece during which no fault was served (up to 256 pages, so a quiet transfer
-/// pays one round trip per MiB, not per 128 KiB), and drops back when faults come.
+/// CRIU's protocol has one FIFO stream, so faults come first by policy:
+/// * a fault's GET is sent at once, whatever is in flight (it is answered after at most the
+///   background bytes already asked for);
+/// * background GETs are pipelined (the copier's jobs are announced with
+///   [`PageSource::prepare`] and asked for ahead of its reads) but the background bytes in
+///   flight are capped at about one bandwidth-delay product (256 KiB: 1 Gbit/s x 1-2 ms), in
+///   pieces of 32 pages; while faults are frequent (one in the last 10 ms) the cap is halved and
+///   pieces shrink to 16 pages (one piece in flight made faults slower, not faster);
+/// * before each step the copier lets any waiting fault take the connection.
 pub struct CriuSource {
     pids: Vec<i32>,
-    client: Mutex<CriuClient>,
-    /// Faults waiting for the connection.
+    session: Mutex<Session>,
+    /// Faults waiting for the session.
     urgent_waiting: AtomicUsize,
-    /// Faults served so far (a change means "faults are coming": shrink the pieces).
-    urgent_served: AtomicUsize,
-    /// `urgent_served` when the last piece was sent.
-    served_seen: AtomicUsize,
-    min_piece: usize,
-    max_piece: usize,
-    piece: AtomicUsize,
+    started: Instant,
+    /// µs since `started` of the latest fault.
+    last_fault_us: AtomicU64,
+    cap_bytes: u64,
+    piece_pages: u64,
+}
+
+struct Session {
+    c: CriuClient,
+    /// Replies not read by anyone yet: (pid, address) -> bytes.
+    stash: BTreeMap<(i32, u64), Vec<u8>>,
+    /// Background pieces announced and not asked for yet, in order, with their job key.
+    plan: VecDeque<(u64, i32, u64, u64)>,
+    /// Background pages in flight, and the most there ever were.
+    bg_pages: u64,
+    max_bg_pages: u64,
+    stash_bytes: u64,
+    /// GETs in flight that are background (front = oldest), to account `bg_pages`.
+    kinds: VecDeque<(bool, u64)>,
+    last_key: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Smallest background piece: 32 pages (128 KiB), about 1 Gbit/s x 1 ms.
-pub const DEFAULT_PIECE_PAGES: usize = 32;
-/// Largest background piece: 256 pages (1 MiB).
-pub const MAX_PIECE_PAGES: usize = 256;
+/// Background bytes in flight at most (about one bandwidth-delay product at 1 Gbit/s, 1-2 ms).
+pub const DEFAULT_CAP_BYTES: u64 = 256 * 1024;
+/// Background GET size in pages.
+pub const DEFAULT_PIECE_PAGES: u64 = 32;
+/// A fault this recent means faults are frequent: smaller background pieces and cap.
+const FAULTS_FREQUENT: Duration = Duration::from_millis(10);
+
+/// Unread replies kept at most.
+const STASH_MAX_BYTES: u64 = 64 << 20;
+
+/// Largest chunk a reply brings, in bytes (how far below a read a stashed reply may start).
+const MAX_REPLY: u64 = 1 << 30;
+
+impl Session {
+    fn send(&mut self, pid: i32, addr: u64, pages: u64, background: bool) -> Result<(), RemoteError> {
+        let before = self.c.in_flight().0;
+        self.c.send_get(pid, addr, pages)?;
+        debug_assert_eq!(self.c.in_flight().0, before + 1);
+        self.kinds.push_back((background, pages));
+        if background {
+            self.bg_pages += pages;
+            self.max_bg_pages = self.max_bg_pages.max(self.bg_pages);
+        }
+        Ok(())
+    }
+
+    /// Reads one reply into the stash.
+    fn recv(&mut self) -> Result<(), RemoteError> {
+        let r = self.c.recv()?;
+        let n = (r.data.len() as u64) / PAGE;
+        if let Some((bg, asked)) = self.kinds.pop_front() {
+            if bg {
+                self.bg_pages = self.bg_pages.saturating_sub(asked);
+            }
+            // A short reply: the client asked for the rest at the back of the queue.
+            if n < asked {
+                self.kinds.push_back((bg, asked - n));
+                if bg {
+                    self.bg_pages += asked - n;
+                }
+            }
+        }
+        self.stash_bytes += r.data.len() as u64;
+        self.stash.insert((r.pid, r.addr), r.data);
+        // Replies nobody reads (a job whose pages were dropped meanwhile) must not pile up;
+        // CRIU's server answers a page again if it is asked again.
+        if self.stash_bytes > STASH_MAX_BYTES {
+            self.stash.clear();
+            self.stash_bytes = 0;
+        }
+        Ok(())
+    }
+
+    /// Copies what the stash holds of `[addr, addr + buf.len())`; notes it in `got`.
+    fn take(&self, pid: i32, addr: u64, buf: &mut [u8], got: &mut IntervalSet) {
+        let end = addr + buf.len() as u64;
+        for (&(_, a), data) in self.stash.range((pid, addr.saturating_sub(MAX_REPLY))..(pid, end)) {
+            let lo = a.max(addr);
+            let hi = (a + data.len() as u64).min(end);
+            if lo < hi {
+                buf[(lo - addr) as usize..(hi - addr) as usize]
+                    .copy_from_slice(&data[(lo - a) as usize..(hi - a) as usize]);
+                got.insert(pid, lo, hi);
+            }
+        }
+    }
+
+    fn stashed(&self, pid: i32, addr: u64) -> bool {
+        self.stash
+            .range((pid, addr.saturating_sub(MAX_REPLY))..=(pid, addr))
+            .any(|(&(_, a), d)| addr < a + d.len() as u64)
+    }
+
+    /// Drops stashed replies wholly inside a range that was read.
+    fn consume(&mut self, pid: i32, addr: u64, end: u64) {
+        let used: Vec<(i32, u64)> = self
+            .stash
+            .range((pid, addr)..(pid, end))
+            .filter(|(&(_, a), d)| a + d.len() as u64 <= end)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in used {
+            if let Some(d) = self.stash.remove(&k) {
+                self.stash_bytes -= d.len() as u64;
+            }
+        }
+    }
+
+    /// Asks for the gaps of `[addr, end)` that no GET in flight covers (in pieces).
+    /// `budget`: background pages that may still be asked for (None: no limit, a fault).
+    fn ask_gaps(
+        &mut self,
+        pid: i32,
+        addr: u64,
+        end: u64,
+        got: &IntervalSet,
+        piece: u64,
+        background: bool,
+        mut budget: Option<u64>,
+    ) -> Result<(), RemoteError> {
+        let mut x = addr;
+        while let Some((a, b)) = got.first_gap(pid, x, end) {
+            let mut p = a;
+            while p < b {
+                if budget == Some(0) {
+                    return Ok(());
+                }
+                if self.c.asked(pid, p) {
+                    p += PAGE;
+                    continue;
+                }
+                // Up to the next page already asked for, at most one piece.
+                let most = budget.map_or(piece, |b| b.min(piece));
+                let mut q = p + PAGE;
+                while q < b && q - p < most * PAGE && !self.c.asked(pid, q) {
+                    q += PAGE;
+                }
+                let n = (q - p) / PAGE;
+                self.send(pid, p, n, background)?;
+                budget = budget.map(|b| b.saturating_sub(n));
+                p = q;
+            }
+            x = b;
+        }
+        Ok(())
+    }
+
+    /// Background GETs from the announced plan while under the cap.
+    fn top_up(&mut self, cap_pages: u64) -> Result<(), RemoteError> {
+        while let Some(&(_, pid, addr, pages)) = self.plan.front() {
+            // Already asked for, or here (a read or a fault got to it first).
+            if self.c.asked(pid, addr) || self.stashed(pid, addr) {
+                self.plan.pop_front();
+                continue;
+            }
+            if self.bg_pages > 0 && self.bg_pages + pages > cap_pages {
+                break;
+            }
+            self.plan.pop_front();
+            self.send(pid, addr, pages, true)?;
+        }
+        Ok(())
+    }
+}
 
 impl CriuSource {
     /// Wraps a connected client.
     pub fn new(client: CriuClient, pids: Vec<i32>) -> Self {
         Self {
             pids,
-            client: Mutex::new(client),
+            session: Mutex::new(Session {
+                c: client,
+                stash: BTreeMap::new(),
+                plan: VecDeque::new(),
+                bg_pages: 0,
+                max_bg_pages: 0,
+                stash_bytes: 0,
+                kinds: VecDeque::new(),
+                last_key: 0,
+            }),
             urgent_waiting: AtomicUsize::new(0),
-            urgent_served: AtomicUsize::new(0),
-            served_seen: AtomicUsize::new(0),
-            min_piece: DEFAULT_PIECE_PAGES,
-            max_piece: MAX_PIECE_PAGES,
-            piece: AtomicUsize::new(DEFAULT_PIECE_PAGES),
+            started: Instant::now(),
+            last_fault_us: AtomicU64::new(u64::MAX),
+            cap_bytes: DEFAULT_CAP_BYTES,
+            piece_pages: DEFAULT_PIECE_PAGES,
         }
     }
 
-    /// A fixed background piece of `pages` (at least 1): no growing.
-    pub fn with_piece_pages(mut self, pages: usize) -> Self {
-        self.min_piece = pages.max(1);
-        self.max_piece = self.min_piece;
-        self.piece = AtomicUsize::new(self.min_piece);
+    /// Background GET size in pages and background bytes in flight at most (both at least one
+    /// page; the cap at least one piece).
+    pub fn with_pieces(mut self, piece_pages: u64, cap_bytes: u64) -> Self {
+        self.piece_pages = piece_pages.max(1);
+        self.cap_bytes = cap_bytes.max(self.piece_pages * PAGE);
         self
     }
 
     /// Pages not fetched yet.
     pub fn missing_pages(&self) -> u64 {
-        lock(&self.client).missing_pages()
+        lock(&self.session).c.missing_pages()
+    }
+
+    /// The most background pages that were ever in flight at once.
+    pub fn max_background_in_flight(&self) -> u64 {
+        lock(&self.session).max_bg_pages
     }
 
     fn pid(&self, file: u32) -> Result<i32, SourceError> {
@@ -328,39 +564,90 @@ impl CriuSource {
             .ok_or(SourceError::Remote(RemoteError::UnknownTask { file }))
     }
 
-    fn get(c: &mut CriuClient, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        // No CLOSE once every page has come: a child forked after the restore needs its own
-        // copy of pages the parent already got (CRIU's server tees them: asking again works).
-        // The session ends in `finish`.
-        c.get(pid, addr, buf).map_err(SourceError::Remote)
+    /// (piece pages, cap pages) now: smaller while faults are frequent.
+    fn sizes(&self) -> (u64, u64) {
+        let last = self.last_fault_us.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_micros() as u64;
+        let cap = self.cap_bytes / PAGE;
+        if last != u64::MAX && now.saturating_sub(last) < FAULTS_FREQUENT.as_micros() as u64 {
+            ((self.piece_pages / 2).max(1), (cap / 2).max(self.piece_pages / 2).max(1))
+        } else {
+            (self.piece_pages, cap.max(self.piece_pages))
+        }
     }
 }
 
 impl PageSource for CriuSource {
     fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let pid = self.pid(file)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            // Faults first: let every waiting fault take the connection before this piece.
+        let end = offset + buf.len() as u64;
+        let mut got = IntervalSet::new();
+        loop {
+            // Faults first: let every waiting fault take the session before each step.
             while self.urgent_waiting.load(Ordering::Acquire) > 0 {
                 std::thread::yield_now();
             }
-            // A fault served since the last piece (during it, or between two reads): start
-            // small again.
-            let served = self.urgent_served.load(Ordering::Acquire);
-            let mut pages = self.piece.load(Ordering::Relaxed);
-            if self.served_seen.swap(served, Ordering::AcqRel) != served {
-                pages = self.min_piece;
+            let (piece, cap) = self.sizes();
+            let mut s = lock(&self.session);
+            s.take(pid, offset, buf, &mut got);
+            if got.first_gap(pid, offset, end).is_none() {
+                s.consume(pid, offset, end);
+                return Ok(());
             }
-            let end = (done + pages * PAGE as usize).min(buf.len());
-            {
-                let mut c = lock(&self.client);
-                Self::get(&mut c, pid, offset + done as u64, &mut buf[done..end])?;
+            // This read first (within the cap), then the announced plan.
+            let budget = cap.saturating_sub(s.bg_pages);
+            if budget > 0 {
+                s.ask_gaps(pid, offset, end, &got, piece, true, Some(budget))
+                    .map_err(SourceError::Remote)?;
             }
-            done = end;
-            self.piece.store((pages * 2).min(self.max_piece), Ordering::Relaxed);
+            s.top_up(cap).map_err(SourceError::Remote)?;
+            if s.c.in_flight().0 == 0 {
+                return Err(SourceError::Remote(RemoteError::Protocol {
+                    addr: String::new(),
+                    what: format!("nothing in flight for {} pages at {offset:#x} of {pid}", buf.len() / PAGE as usize),
+                }));
+            }
+            s.recv().map_err(SourceError::Remote)?;
         }
+    }
+
+    fn read_urgent(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let pid = self.pid(file)?;
+        let end = offset + buf.len() as u64;
+        self.last_fault_us.store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.urgent_waiting.fetch_add(1, Ordering::AcqRel);
+        let mut s = lock(&self.session);
+        self.urgent_waiting.fetch_sub(1, Ordering::AcqRel);
+        let mut got = IntervalSet::new();
+        s.take(pid, offset, buf, &mut got);
+        // Sent at once, whole: behind at most the capped background bytes already in flight.
+        s.ask_gaps(pid, offset, end, &got, u64::MAX / PAGE, false, None).map_err(SourceError::Remote)?;
+        while got.first_gap(pid, offset, end).is_some() {
+            s.recv().map_err(SourceError::Remote)?;
+            s.take(pid, offset, buf, &mut got);
+        }
+        s.consume(pid, offset, end);
         Ok(())
+    }
+
+    fn prepare(&self, key: u64, spans: &[(u32, u64, u64)]) {
+        let mut s = lock(&self.session);
+        if key <= s.last_key {
+            return;
+        }
+        s.last_key = key;
+        // Jobs before the one being copied are over: what they still had planned is moot.
+        s.plan.retain(|&(k, ..)| k + 1 >= key);
+        for &(file, offset, bytes) in spans {
+            let Some(&pid) = self.pids.get(file as usize) else { continue };
+            let mut a = offset;
+            let end = offset + bytes;
+            while a < end {
+                let n = ((end - a) / PAGE).min(self.piece_pages);
+                s.plan.push_back((key, pid, a, n));
+                a += n * PAGE;
+            }
+        }
     }
 
     fn finish(&self, complete: bool) -> Result<(), SourceError> {
@@ -368,15 +655,9 @@ impl PageSource for CriuSource {
         if !complete {
             return Ok(());
         }
-        lock(&self.client).drain_and_close().map_err(SourceError::Remote)
-    }
-
-    fn read_urgent(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let pid = self.pid(file)?;
-        self.urgent_waiting.fetch_add(1, Ordering::AcqRel);
-        let mut c = lock(&self.client);
-        self.urgent_waiting.fetch_sub(1, Ordering::AcqRel);
-        self.urgent_served.fetch_add(1, Ordering::AcqRel);
-        Self::get(&mut c, pid, offset, buf)
+        let mut s = lock(&self.session);
+        s.stash.clear();
+        s.plan.clear();
+        s.c.drain_and_close().map_err(SourceError::Remote)
     }
 }

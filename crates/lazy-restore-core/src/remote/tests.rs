@@ -422,7 +422,7 @@ fn criu_41_client_continues_clamped_replies_and_closes_only_when_complete() {
         let fx = fixture(&format!("criu{}", layout.header_len()));
         let fake = fake_criu(&fx, layout, 100);
         let c = CriuClient::connect(&fake.addr, layout, lazy_of(&fx)).unwrap();
-        let src = CriuSource::new(c, vec![10, 11]).with_piece_pages(1024);
+        let src = CriuSource::new(c, vec![10, 11]).with_pieces(1024, 1024 * PAGE as u64);
         // Never asks for what the source does not hold lazily.
         let mut b = vec![0u8; 2 * PAGE];
         let e = src.read(0, 0x17000, &mut b).unwrap_err();
@@ -454,31 +454,40 @@ fn criu_41_client_continues_clamped_replies_and_closes_only_when_complete() {
 }
 
 #[test]
-fn criu_source_sends_background_in_growing_pieces_that_faults_shrink_and_faults_whole() {
-    let fx = fixture("criu-pieces");
+fn criu_source_pipelines_background_under_a_cap_and_sends_a_fault_at_once() {
+    let fx = fixture("criu-pipe");
     let fake = fake_criu(&fx, HeaderLayout::Criu41, 1024);
     let c = CriuClient::connect(&fake.addr, HeaderLayout::Criu41, lazy_of(&fx)).unwrap();
-    let src = CriuSource::new(c, vec![10, 11]);
-    // Background with no faults: pieces start at 32 pages (one bandwidth-delay product) and
-    // double while no fault comes: 32 + 64 + the last 4 of 100.
-    let mut a = vec![0u8; 100 * PAGE];
+    // Pieces of 16 pages, at most 64 background pages in flight.
+    let src = CriuSource::new(c, vec![10, 11]).with_pieces(16, 64 * PAGE as u64);
+    // A job of 300 pages announced; the copier reads its first 40 pages.
+    src.prepare(1, &[(0, 0x400000, 300 * PAGE as u64)]);
+    let mut a = vec![0u8; 40 * PAGE];
     src.read(0, 0x400000, &mut a).unwrap();
     check(10, 0x400000, &a);
-    // A fault and its readahead: one GET, however large.
-    let mut ra = vec![0u8; 8 * PAGE];
-    src.read_urgent(0, 0x10000, &mut ra).unwrap();
-    check(10, 0x10000, &ra);
-    // After a fault the pieces start small again: 32 + 64 + the last 104 of 200.
-    let mut b = vec![0u8; 200 * PAGE];
-    src.read(0, 0x400000 + 100 * PAGE as u64, &mut b).unwrap();
-    check(10, 0x400000 + 100 * PAGE as u64, &b);
-    let mut rest = vec![0u8; 4 * PAGE];
-    src.read_urgent(1, 0x10000, &mut rest).unwrap();
-    assert_eq!(src.missing_pages(), 0);
+    // A fault elsewhere while background pieces are in flight: its GET goes out at once.
+    let mut f = vec![0u8; 8 * PAGE];
+    src.read_urgent(0, 0x10000, &mut f).unwrap();
+    check(10, 0x10000, &f);
+    // The rest of the job, in reads that do not line up with the pieces.
+    let mut b = vec![0u8; 100 * PAGE];
+    src.read(0, 0x400000 + 40 * PAGE as u64, &mut b).unwrap();
+    check(10, 0x400000 + 40 * PAGE as u64, &b);
+    let mut c2 = vec![0u8; 160 * PAGE];
+    src.read(0, 0x400000 + 140 * PAGE as u64, &mut c2).unwrap();
+    check(10, 0x400000 + 140 * PAGE as u64, &c2);
+    assert!(src.max_background_in_flight() <= 64, "{} pages in flight", src.max_background_in_flight());
+    assert!(src.max_background_in_flight() >= 32, "not pipelined: {}", src.max_background_in_flight());
     src.finish(true).unwrap();
     let seen = fake.thread.join().unwrap();
-    let gets: Vec<u64> = seen.iter().filter(|h| h.cmd == PS_IOV_GET).map(|h| h.nr_pages).collect();
-    assert_eq!(gets, vec![32, 64, 4, 8, 32, 64, 104, 4]);
+    let gets: Vec<(u64, u64)> = seen.iter().filter(|h| h.cmd == PS_IOV_GET).map(|h| (h.vaddr, h.nr_pages)).collect();
+    // Every page asked for exactly once (the finish fetched pid 11's 4 pages).
+    assert_eq!(gets.iter().map(|g| g.1).sum::<u64>(), 312, "{gets:?}");
+    // The fault's GET went out right behind the (at most 64 pages of) background in flight.
+    let fault_at = gets.iter().position(|&g| g == (0x10000, 8)).expect("fault GET");
+    let before: u64 = gets[..fault_at].iter().map(|g| g.1).sum();
+    assert!(before <= 40 + 64, "{before} background pages were asked before the fault: {gets:?}");
+    assert!(gets.iter().all(|&(_, n)| n <= 16 || n == 8));
     assert_eq!(seen.last().map(|h| h.cmd), Some(PS_IOV_CLOSE));
 }
 
