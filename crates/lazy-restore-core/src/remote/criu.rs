@@ -335,10 +335,10 @@ impl CriuClient {
 /// * a fault's GET is sent at once, whatever is in flight (it is answered after at most the
 ///   background bytes already asked for);
 /// * background GETs are pipelined (the copier's jobs are announced with
-///   [`PageSource::prepare`] and asked for ahead of its reads) but the background bytes in
-///   flight are capped at about one bandwidth-delay product (256 KiB: 1 Gbit/s x 1-2 ms), in
-///   pieces of 32 pages; while faults are frequent (one in the last 10 ms) the cap is halved and
-///   pieces shrink to 16 pages (one piece in flight made faults slower, not faster);
+///   [`PageSource::prepare`] and asked for ahead of its reads): two GETs of 512 KiB in flight
+///   while no fault is near (about a bandwidth-delay product at 1 Gbit/s and a few ms: CRIU's
+///   server costs ~110 µs per GET even on loopback, so fewer, larger GETs); while faults are
+///   frequent (one in the last 10 ms) a single 128 KiB GET, so a fault waits behind one;
 /// * before each step the copier lets any waiting fault take the connection.
 pub struct CriuSource {
     pids: Vec<i32>,
@@ -371,10 +371,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Background bytes in flight at most (about one bandwidth-delay product at 1 Gbit/s, 1-2 ms).
-pub const DEFAULT_CAP_BYTES: u64 = 256 * 1024;
-/// Background GET size in pages.
-pub const DEFAULT_PIECE_PAGES: u64 = 32;
+/// Background bytes in flight at most when no fault is near: two GETs of 512 KiB (a 1 Gbit/s,
+/// 1 ms link stays busy; CRIU's server costs ~110 µs per GET, so fewer, larger GETs).
+pub const DEFAULT_CAP_BYTES: u64 = 1024 * 1024;
+/// Background GET size in pages when no fault is near (a quarter of it while faults come).
+pub const DEFAULT_PIECE_PAGES: u64 = 128;
 /// A fault this recent means faults are frequent: smaller background pieces and cap.
 const FAULTS_FREQUENT: Duration = Duration::from_millis(10);
 
@@ -498,19 +499,24 @@ impl Session {
         Ok(())
     }
 
-    /// Background GETs from the announced plan while under the cap.
-    fn top_up(&mut self, cap_pages: u64) -> Result<(), RemoteError> {
-        while let Some(&(_, pid, addr, pages)) = self.plan.front() {
-            // Already asked for, or here (a read or a fault got to it first).
-            if self.c.asked(pid, addr) || self.stashed(pid, addr) {
-                self.plan.pop_front();
-                continue;
-            }
-            if self.bg_pages > 0 && self.bg_pages + pages > cap_pages {
-                break;
-            }
+    /// Background GETs of at most `piece` pages from the announced plan while under the cap.
+    fn top_up(&mut self, piece: u64, cap_pages: u64) -> Result<(), RemoteError> {
+        while let Some(&(key, pid, addr, pages)) = self.plan.front() {
+            // Already asked for, or here (a read or a fault got to it first): skip that page.
+            let n = if self.c.asked(pid, addr) || self.stashed(pid, addr) {
+                1
+            } else {
+                let n = pages.min(piece).min(cap_pages.saturating_sub(self.bg_pages));
+                if n == 0 {
+                    break;
+                }
+                self.send(pid, addr, n, true)?;
+                n
+            };
             self.plan.pop_front();
-            self.send(pid, addr, pages, true)?;
+            if pages > n {
+                self.plan.push_front((key, pid, addr + n * PAGE, pages - n));
+            }
         }
         Ok(())
     }
@@ -570,7 +576,10 @@ impl CriuSource {
         let now = self.started.elapsed().as_micros() as u64;
         let cap = self.cap_bytes / PAGE;
         if last != u64::MAX && now.saturating_sub(last) < FAULTS_FREQUENT.as_micros() as u64 {
-            ((self.piece_pages / 2).max(1), (cap / 2).max(self.piece_pages / 2).max(1))
+            // One small GET in flight: the server answers GETs one after another at a fixed
+            // cost each (~110 µs on loopback), so a fault waits behind one, not a queue.
+            let p = (self.piece_pages / 4).max(1);
+            (p, p)
         } else {
             (self.piece_pages, cap.max(self.piece_pages))
         }
@@ -600,7 +609,7 @@ impl PageSource for CriuSource {
                 s.ask_gaps(pid, offset, end, &got, piece, true, Some(budget))
                     .map_err(SourceError::Remote)?;
             }
-            s.top_up(cap).map_err(SourceError::Remote)?;
+            s.top_up(piece, cap).map_err(SourceError::Remote)?;
             if s.c.in_flight().0 == 0 {
                 return Err(SourceError::Remote(RemoteError::Protocol {
                     addr: String::new(),
@@ -640,12 +649,8 @@ impl PageSource for CriuSource {
         s.plan.retain(|&(k, ..)| k + 1 >= key);
         for &(file, offset, bytes) in spans {
             let Some(&pid) = self.pids.get(file as usize) else { continue };
-            let mut a = offset;
-            let end = offset + bytes;
-            while a < end {
-                let n = ((end - a) / PAGE).min(self.piece_pages);
-                s.plan.push_back((key, pid, a, n));
-                a += n * PAGE;
+            if bytes >= PAGE {
+                s.plan.push_back((key, pid, offset, bytes / PAGE));
             }
         }
     }
