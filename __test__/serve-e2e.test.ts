@@ -37,6 +37,9 @@ test.serial('one process, 256 MiB with zero holes: every byte verified, report a
     t.is(accounted, tot.pagesPlanned, JSON.stringify(tot));
     t.true(tot.pagesFault > 0, 'the process faulted on some pages');
     t.true(r.report.faultLatency.count > 0);
+    // Per process too: the per-task histograms add up to the overall one.
+    t.is(r.report.tasks.reduce((n: number, x: any) => n + x.faultLatency.count, 0), r.report.faultLatency.count);
+    t.true(r.report.tasks[0].faultLatency.p50Us > 0 && r.report.tasks[0].faultLatency.p50Us <= r.report.tasks[0].faultLatency.p99Us);
     t.log(`restore->done ${r.restoreToDoneMs.toFixed(0)} ms; fault p50 ${r.report.faultLatency.p50Us} µs, p99 ${r.report.faultLatency.p99Us} µs`);
   } finally {
     s.cleanup();

@@ -26,7 +26,8 @@ export function taskLine(t: TaskStats): string {
     (t.pagesPrefetch ? `profile ${t.pagesPrefetch}, ` : '') +
     `background ${t.pagesBackground}, zero ${t.pagesZero}` +
     (extra.length ? `, ${extra.join(', ')}` : '') +
-    `; copied ${bytes(t.bytesCopied)} in ${t.faults} faults`
+    `; copied ${bytes(t.bytesCopied)} in ${t.faults} faults` +
+    (t.faultLatency?.count ? ` (p50 ${micros(t.faultLatency.p50Us)}, p99 ${micros(t.faultLatency.p99Us)})` : '')
   );
 }
 

@@ -33,6 +33,8 @@ export interface TaskStats extends PageCounters {
   exited: boolean;
   firstFaultUs?: number;
   doneUs?: number;
+  /** This process's fault service latency (the report's `faultLatency` covers all of them). */
+  faultLatency: LatencySummary;
   /** First-need order of faults (only when recording a profile). */
   faultTrace?: { addr: bigint | number | string; atUs: number }[];
 }

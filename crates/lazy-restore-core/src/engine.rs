@@ -332,6 +332,8 @@ impl Drop for EngineHandle {
 /// One served task: a task of the plan or a child forked from one.
 struct Task {
     stats: TaskStats,
+    /// This task's fault service latency (the engine's `latency` counts every task).
+    latency: LatencyHistogram,
     uffd: Option<Uffd>,
     ranges: RangeMap,
     host: Option<HostProc>,
@@ -359,9 +361,17 @@ struct Task {
 }
 
 impl Task {
+    /// Its numbers as reported (with its fault latency summary).
+    fn report(&self) -> TaskStats {
+        let mut s = self.stats.clone();
+        s.fault_latency = self.latency.summary();
+        s
+    }
+
     fn new(stats: TaskStats, ranges: RangeMap, policy: &Policy) -> Self {
         Self {
             stats,
+            latency: LatencyHistogram::default(),
             uffd: None,
             ranges,
             host: None,
@@ -1286,8 +1296,10 @@ impl FaultLoop {
         self.dirty = true;
     }
 
-    fn note_served(&mut self, read_at: Instant) {
-        self.latency.record(read_at.elapsed());
+    fn note_served(&mut self, idx: usize, read_at: Instant) {
+        let took = read_at.elapsed();
+        self.latency.record(took);
+        self.tasks[idx].latency.record(took);
         if let Some(cpu) = sys::current_cpu() {
             let cpu = cpu as usize;
             if self.per_cpu.len() <= cpu {
@@ -1329,7 +1341,7 @@ impl FaultLoop {
             self.zero_fault(idx, page)?
         };
         match outcome {
-            Fill::Done => self.note_served(read_at),
+            Fill::Done => self.note_served(idx, read_at),
             Fill::Again => {
                 self.tasks[idx].stats.eagain_retries += 1;
                 self.retries.push(Retry {
@@ -1943,7 +1955,7 @@ impl FaultLoop {
             if t.received && t.stats.done_us.is_none() && t.stats.pages_pending == 0 && t.jobs == 0
             {
                 t.stats.done_us = Some(at_us);
-                finished.push(t.stats.clone());
+                finished.push(t.report());
             }
         }
         if !finished.is_empty() {
@@ -1997,7 +2009,7 @@ impl FaultLoop {
         } else {
             Vec::new()
         };
-        let tasks: Vec<TaskStats> = self.tasks.iter().map(|t| t.stats.clone()).collect();
+        let tasks: Vec<TaskStats> = self.tasks.iter().map(Task::report).collect();
         let (mut user_us, mut sys_us) = sys::thread_cpu_time_us();
         if let Some(c) = &self.copier_handle {
             let (u, s) = c.cpu_time_us();

@@ -7,7 +7,7 @@
 
 use lazy_restore_core::{
     Background, BackgroundOrder, CopyThread, Engine, EngineConfig, EngineControl, EngineError,
-    EngineEvent, EngineHandle, Policy, PrefetchPlan, PrefetchRange, RangePlan, Readahead,
+    EngineEvent, EngineHandle, LatencySummary, Policy, PrefetchPlan, PrefetchRange, RangePlan, Readahead,
     ReadaheadMode, Report, Snapshot, TaskOrder, TaskPlan, TaskStats, Totals,
 };
 use napi::bindgen_prelude::{AsyncTask, BigInt};
@@ -314,6 +314,8 @@ pub struct NativeTaskStats {
     pub exited: bool,
     pub first_fault_us: Option<i64>,
     pub done_us: Option<i64>,
+    /// This task's fault service latency.
+    pub fault_latency: NativeLatency,
     /// Report only, when the policy records faults: image address and time of each fault
     /// served from the page source, in first-need order.
     pub fault_trace: Option<Vec<NativeTracedFault>>,
@@ -363,6 +365,7 @@ impl From<&TaskStats> for NativeTaskStats {
             exited: s.exited,
             first_fault_us: s.first_fault_us.map(num),
             done_us: s.done_us.map(num),
+            fault_latency: (&s.fault_latency).into(),
             fault_trace: None,
             fault_trace_truncated: None,
         }
@@ -427,8 +430,9 @@ pub struct NativeTimeline {
 }
 
 /// Fault service latency (uffd message read → ioctl return). Percentiles are the upper bound
-/// of their power-of-two bucket, capped at the max.
+/// of their eighth of a power of two (at most 12.5% high), capped at the max.
 #[napi(object)]
+#[derive(Clone)]
 pub struct NativeLatency {
     pub count: i64,
     pub p50_us: i64,
@@ -438,6 +442,20 @@ pub struct NativeLatency {
     pub mean_us: i64,
     /// buckets[0]: < 1 µs; buckets[i]: [2^(i-1), 2^i) µs.
     pub buckets: Vec<i64>,
+}
+
+impl From<&LatencySummary> for NativeLatency {
+    fn from(l: &LatencySummary) -> Self {
+        Self {
+            count: num(l.count),
+            p50_us: num(l.p50_us),
+            p90_us: num(l.p90_us),
+            p99_us: num(l.p99_us),
+            max_us: num(l.max_us),
+            mean_us: num(l.mean_us),
+            buckets: l.buckets.iter().copied().map(num).collect(),
+        }
+    }
 }
 
 /// Engine thread CPU time.
@@ -510,15 +528,7 @@ macro_rules! snapshot_object {
                         finish_fast_us: t.finish_fast_us.map(num),
                         prefetch_done_us: t.prefetch_done_us.map(num),
                     },
-                    fault_latency: NativeLatency {
-                        count: num(l.count),
-                        p50_us: num(l.p50_us),
-                        p90_us: num(l.p90_us),
-                        p99_us: num(l.p99_us),
-                        max_us: num(l.max_us),
-                        mean_us: num(l.mean_us),
-                        buckets: l.buckets.iter().copied().map(num).collect(),
-                    },
+                    fault_latency: l.into(),
                     faults_per_cpu: s.faults_per_cpu.iter().copied().map(num).collect(),
                     cpu_time: NativeCpuTime {
                         user_us: num(s.cpu_time.user_us),
