@@ -5,12 +5,12 @@
  * happens when the page server goes away.
  */
 import test from 'ava';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireCriu } from '../src/harness/criu.js';
 import { buildWorkloads, readResults } from '../src/harness/workload.js';
-import { tail } from '../src/harness/process.js';
-import { dumpWorkload, restoreLazily, startOurDaemon, type Daemon } from './helpers/lazy.js';
+import { run, tail } from '../src/harness/process.js';
+import { CLI, dumpWorkload, restoreLazily, startOurDaemon, type Daemon } from './helpers/lazy.js';
 import { freePort, lazyDump, startOurPageServer } from './helpers/remote.js';
 import { scratch } from './helpers/scratch.js';
 
@@ -200,6 +200,34 @@ test.serial('four restores at once from one page server, each in its own pid nam
     }
     t.regex(ps.stderr(), /closed after (\d+) connections/);
     t.true(Number(/closed after (\d+) connections/.exec(ps.stderr())![1]) >= 8);
+  } finally {
+    s.cleanup();
+  }
+});
+
+test.serial('serve refuses to start on a wrong token or an unreachable page server, saying which (exit 1, nothing left listening)', async (t) => {
+  const s = scratch('remote-refuse');
+  try {
+    const d = await dumpWorkload({ mb: 16, dir: s.dir });
+    const good = join(s.dir, 'token');
+    const bad = join(s.dir, 'wrong-token');
+    writeFileSync(good, 'sesame\n');
+    writeFileSync(bad, 'open up\n');
+    const ps = await startOurPageServer(d.imgs, 0, ['--token-file', good]);
+    try {
+      const r = await run(process.execPath, [CLI, 'serve', '-D', d.imgs, '-W', join(s.dir, 'w1'), '--source', `lazy://127.0.0.1:${ps.port}`, '--token-file', bad], { timeoutMs: 30_000 });
+      t.is(r.code, 1, r.stderr);
+      t.regex(r.stderr, /REMOTE_REFUSED.*wrong token/);
+    } finally {
+      ps.child.kill('SIGTERM');
+      await ps.exit;
+    }
+    const port = await freePort();
+    const t0 = Date.now();
+    const r = await run(process.execPath, [CLI, 'serve', '-D', d.imgs, '-W', join(s.dir, 'w2'), '--source', `lazy://127.0.0.1:${port}`, '--grace', '0.5'], { timeoutMs: 30_000 });
+    t.is(r.code, 1, r.stderr);
+    t.regex(r.stderr, /REMOTE_UNAVAILABLE.*unreachable for 0\.5s/);
+    t.true(Date.now() - t0 < 20_000, 'gave up within its grace period (plus start-up)');
   } finally {
     s.cleanup();
   }
