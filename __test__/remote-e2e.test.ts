@@ -34,6 +34,12 @@ test.serial('--source lazy://: a tree restored from our page server verifies all
       const daemon = await startOurDaemon(d.imgs, work, ['--source', `lazy://127.0.0.1:${ps.port}`]);
       const r = await restoreLazily(d, daemon, work);
       planned = r.report.totals.pagesPlanned;
+      // The report's account of the source agrees with what was installed.
+      const src = r.report.source;
+      t.regex(src.name, new RegExp(`^lazy-restore page-server 127\\.0\\.0\\.1:${ps.port}$`));
+      t.true(src.urgentRequests > 0 && src.bulkRequests > 0, JSON.stringify(src));
+      t.true(src.pageBytes >= planned * 4096 && src.pageBytes <= planned * 4096 * 1.5, JSON.stringify(src));
+      t.is(src.reconnects, 0);
       t.is(r.daemonExit.code, 0, daemonLog(daemon));
       t.is(r.results.length, 3, JSON.stringify(r.results) + r.restoreExit.logTail);
       t.true(r.results.every((x) => x.ok), JSON.stringify(r.results));
@@ -77,6 +83,9 @@ test.serial("--page-server: a process restored from CRIU's page server (criu dum
       t.true(r.results.every((x) => x.ok), JSON.stringify(r.results));
       t.is(r.report.totals.pagesPending, 0);
       t.true(r.report.totals.pagesDropped > 0, 'the process dropped pages that were never fetched');
+      t.regex(r.report.source.name, /^CRIU page server 127\.0\.0\.1:\d+$/);
+      // Every lazy page was fetched at least once (the ones nobody needed just before CLOSE).
+      t.true(r.report.source.pageBytes >= r.report.plannedPages * 4096, `${r.report.plannedPages} pages planned: ${JSON.stringify(r.report.source)}`);
       // Every lazy page fetched, then CLOSE: the dump side ends cleanly.
       const dx = await Promise.race([d.dumpExit, new Promise<null>((res) => setTimeout(() => res(null), 30_000))]);
       t.not(dx, null, 'criu dump (the page server) did not end after the transfer');

@@ -90,6 +90,14 @@ export function summaryText(r: ServeReport): string {
   if (r.timeline.prefetchDoneUs !== undefined) lines.push(`profile prefetch complete at ${micros(r.timeline.prefetchDoneUs)}`);
   if (r.profile?.recorded) lines.push(`profile recorded: ${r.profile.pages} pages -> ${r.profile.recorded}`);
   if (r.profile?.used) lines.push(`profile used: ${r.profile.pages} pages prefetched from ${r.profile.used}${r.profile.dropped ? ` (${r.profile.dropped} dropped)` : ''}`);
+  const src = r.source;
+  if (src) {
+    const wire = src.wireBytes !== src.pageBytes ? ` (${bytes(src.wireBytes)} on the wire)` : '';
+    lines.push(
+      `source: ${src.name}: ${bytes(src.pageBytes)} of pages received${wire}, ${src.urgentRequests} fault requests, ` +
+        `${src.bulkRequests} background requests, ${src.reconnects} reconnects`,
+    );
+  }
   lines.push(`daemon cpu: user ${micros(r.cpuTime.userUs)}, sys ${micros(r.cpuTime.sysUs)}`);
   return lines.join('\n') + '\n';
 }

@@ -56,6 +56,21 @@ export interface LatencySummary {
   buckets: number[];
 }
 
+/** What a remote page source did (`--source`, `--page-server`). */
+export interface SourceStats {
+  /** e.g. "lazy-restore page-server 10.0.0.1:7070", "CRIU page server 10.0.0.1:27". */
+  name: string;
+  /** Requests for faults and their readahead windows. */
+  urgentRequests: number;
+  /** Background requests (bulk streams, or CRIU GETs). */
+  bulkRequests: number;
+  /** Page bytes received. */
+  pageBytes: number;
+  /** What they took on the wire (less with lz4; CRIU: with headers). */
+  wireBytes: number;
+  reconnects: number;
+}
+
 export interface Snapshot {
   phase: Phase;
   elapsedUs: number;
@@ -65,6 +80,8 @@ export interface Snapshot {
   /** Cumulative bytes copied over time (about every 10 ms). */
   series?: { atUs: number; bytes: number }[];
   faultLatency: LatencySummary;
+  /** A remote page source's account (absent for local page files). */
+  source?: SourceStats;
   /** Faults served per CPU index (the serving thread's CPU). */
   faultsPerCpu: number[];
   cpuTime: { userUs: number; sysUs: number };

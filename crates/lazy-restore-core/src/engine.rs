@@ -2029,6 +2029,7 @@ impl FaultLoop {
             policy: self.policy.name.clone(),
             series: self.series.points().to_vec(),
             fault_traces,
+            source: self.source.stats(),
         }
     }
 }

@@ -46,7 +46,7 @@ pub use policy::{
     Background, BackgroundOrder, CopyThread, Policy, PolicyError, PrefetchPlan, PrefetchRange,
     Readahead, ReadaheadMode, TaskOrder,
 };
-pub use source::{FileSource, PageSource, SourceError};
+pub use source::{FileSource, PageSource, SourceCounters, SourceError, SourceStats};
 pub use telemetry::{
     CpuTime, EngineEvent, FaultTrace, LatencySummary, Peer, Phase, Report, SeriesPoint, Snapshot,
     TaskStats, Timeline, Totals, TracedFault,

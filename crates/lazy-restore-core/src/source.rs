@@ -80,6 +80,54 @@ impl std::error::Error for SourceError {
     }
 }
 
+/// What a remote page source did, for the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Which server, e.g. "lazy-restore page-server 10.0.0.1:7070".
+    pub name: String,
+    /// Requests for faults (and their readahead windows).
+    pub urgent_requests: u64,
+    /// Background requests (bulk streams, or CRIU GETs for the background).
+    pub bulk_requests: u64,
+    /// Page bytes received.
+    pub page_bytes: u64,
+    /// Bytes those pages took on the wire (less with lz4).
+    pub wire_bytes: u64,
+    /// Connections lost and re-established.
+    pub reconnects: u64,
+}
+
+/// Counters a remote source updates as it goes; read without locks (the engine thread takes a
+/// snapshot while the copier may be blocked on the network holding the source's locks).
+#[derive(Debug, Default)]
+pub struct SourceCounters {
+    pub urgent_requests: std::sync::atomic::AtomicU64,
+    pub bulk_requests: std::sync::atomic::AtomicU64,
+    pub page_bytes: std::sync::atomic::AtomicU64,
+    pub wire_bytes: std::sync::atomic::AtomicU64,
+    pub reconnects: std::sync::atomic::AtomicU64,
+}
+
+impl SourceCounters {
+    /// Adds `n` to one counter.
+    pub fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
+        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A copy, named.
+    pub fn stats(&self, name: &str) -> SourceStats {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        SourceStats {
+            name: name.to_string(),
+            urgent_requests: get(&self.urgent_requests),
+            bulk_requests: get(&self.bulk_requests),
+            page_bytes: get(&self.page_bytes),
+            wire_bytes: get(&self.wire_bytes),
+            reconnects: get(&self.reconnects),
+        }
+    }
+}
+
 /// Something that can produce the bytes of lazy pages.
 pub trait PageSource: Send {
     /// Fills all of `buf` with the bytes at `offset` of file `file`; anything less is an error.
@@ -102,6 +150,12 @@ pub trait PageSource: Send {
     /// error is reported as a warning: the restore itself is done.
     fn finish(&self, _complete: bool) -> Result<(), SourceError> {
         Ok(())
+    }
+
+    /// What a remote source did so far (None for local files). Must not block: the engine
+    /// thread calls it for every progress report.
+    fn stats(&self) -> Option<SourceStats> {
+        None
     }
 
     /// The address in this process where bytes `[offset, offset+len)` of file `file` are

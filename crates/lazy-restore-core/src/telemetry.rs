@@ -396,6 +396,8 @@ pub struct Snapshot {
     /// Per task fault traces (policy `record_faults`); only in the final report, empty in
     /// progress snapshots.
     pub fault_traces: Vec<FaultTrace>,
+    /// A remote page source's account (None for local page files).
+    pub source: Option<crate::source::SourceStats>,
 }
 
 impl Snapshot {
@@ -414,6 +416,7 @@ impl Snapshot {
             policy: String::new(),
             series: Vec::new(),
             fault_traces: Vec::new(),
+            source: None,
         }
     }
 }

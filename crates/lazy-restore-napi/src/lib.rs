@@ -465,6 +465,22 @@ pub struct NativeCpuTime {
     pub sys_us: i64,
 }
 
+/// What a remote page source did.
+#[napi(object)]
+pub struct NativeSourceStats {
+    /// e.g. "lazy-restore page-server 10.0.0.1:7070", "CRIU page server 10.0.0.1:27".
+    pub name: String,
+    /// Requests for faults and their readahead windows.
+    pub urgent_requests: i64,
+    /// Background requests (bulk streams, or CRIU GETs).
+    pub bulk_requests: i64,
+    /// Page bytes received.
+    pub page_bytes: i64,
+    /// What they took on the wire (less with lz4; CRIU: with headers).
+    pub wire_bytes: i64,
+    pub reconnects: i64,
+}
+
 /// The connecting `criu restore` (SO_PEERCRED).
 #[napi(object)]
 #[derive(Clone, Copy)]
@@ -495,6 +511,8 @@ macro_rules! snapshot_object {
             /// Cumulative bytes installed, sampled about every 10 ms (at most 2000 points:
             /// thinned out as the run goes on).
             pub series: Vec<NativeSeriesPoint>,
+            /// A remote page source's account (absent for local page files).
+            pub source: Option<NativeSourceStats>,
         }
 
         impl From<&Snapshot> for $name {
@@ -548,6 +566,14 @@ macro_rules! snapshot_object {
                             bytes: num(p.bytes),
                         })
                         .collect(),
+                    source: s.source.as_ref().map(|x| NativeSourceStats {
+                        name: x.name.clone(),
+                        urgent_requests: num(x.urgent_requests),
+                        bulk_requests: num(x.bulk_requests),
+                        page_bytes: num(x.page_bytes),
+                        wire_bytes: num(x.wire_bytes),
+                        reconnects: num(x.reconnects),
+                    }),
                 }
             }
         }

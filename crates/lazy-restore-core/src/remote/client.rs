@@ -13,12 +13,12 @@ use crate::remote::protocol::{
     MAX_PAGES, MAX_RUNS, PAGE, VERSION,
 };
 use crate::remote::RemoteError;
-use crate::source::{PageSource, SourceError};
+use crate::source::{PageSource, SourceCounters, SourceError, SourceStats};
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How to reach a page server.
@@ -475,6 +475,8 @@ pub struct LazySource {
     pids: Vec<i32>,
     urgent: UrgentClient,
     bulk: Mutex<BulkState>,
+    name: String,
+    counters: Arc<SourceCounters>,
 }
 
 struct BulkState {
@@ -488,6 +490,7 @@ struct BulkState {
     last_key: u64,
     /// A failure while starting a prepared stream, for the next read to return.
     failed: Option<RemoteError>,
+    counters: Arc<SourceCounters>,
 }
 
 /// Streams whose chunks are kept (and not cancelled): the job being copied, the next one, one
@@ -515,6 +518,7 @@ impl BulkState {
 
     fn start(&mut self, runs: Vec<PageRun>) -> Result<u32, RemoteError> {
         let id = self.client.stream(StreamMode::List, runs)?;
+        SourceCounters::add(&self.counters.bulk_requests, 1);
         self.open.insert(id);
         self.recent.push_back(id);
         while self.recent.len() > KEEP_STREAMS {
@@ -529,8 +533,13 @@ impl BulkState {
 
     /// One event off the bulk connection into the stash.
     fn pump(&mut self) -> Result<(), RemoteError> {
-        match self.client.next_event()? {
+        let (wire, reconnects) = (self.client.wire_bytes, self.client.reconnects);
+        let ev = self.client.next_event();
+        SourceCounters::add(&self.counters.wire_bytes, self.client.wire_bytes - wire);
+        SourceCounters::add(&self.counters.reconnects, self.client.reconnects - reconnects);
+        match ev? {
             BulkEvent::Chunk { id, run, data } => {
+                SourceCounters::add(&self.counters.page_bytes, data.len() as u64);
                 if self.recent.contains(&id) {
                     self.stash.insert((run.pid, run.addr), (id, data));
                 }
@@ -553,6 +562,8 @@ impl BulkState {
 impl LazySource {
     /// Opens both connections.
     pub fn connect(opts: ClientOptions, pids: Vec<i32>) -> Result<Self, RemoteError> {
+        let counters = Arc::new(SourceCounters::default());
+        let name = format!("lazy-restore page-server {}", opts.addr);
         Ok(Self {
             pids,
             urgent: UrgentClient::connect(opts.clone())?,
@@ -563,8 +574,21 @@ impl LazySource {
                 open: std::collections::BTreeSet::new(),
                 last_key: 0,
                 failed: None,
+                counters: Arc::clone(&counters),
             }),
+            name,
+            counters,
         })
+    }
+
+    /// Fetches over the urgent connection, counted.
+    fn fetch_urgent(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), RemoteError> {
+        self.urgent.fetch(pid, addr, buf)?;
+        let gets = buf.len().div_ceil(MAX_PAGES as usize * PAGE) as u64;
+        SourceCounters::add(&self.counters.urgent_requests, gets);
+        SourceCounters::add(&self.counters.page_bytes, buf.len() as u64);
+        SourceCounters::add(&self.counters.wire_bytes, buf.len() as u64);
+        Ok(())
     }
 
     /// Reads by pid directly, from the bulk streams (a stream of its own when no prepared
@@ -604,7 +628,7 @@ impl LazySource {
         // urgent one.
         let mut x = addr;
         while let Some((a, b)) = got.first_gap(pid, x, end) {
-            self.urgent.fetch(pid, a, &mut buf[(a - addr) as usize..(b - addr) as usize])?;
+            self.fetch_urgent(pid, a, &mut buf[(a - addr) as usize..(b - addr) as usize])?;
             x = b;
         }
         Ok(())
@@ -630,7 +654,11 @@ impl PageSource for LazySource {
     }
 
     fn read_urgent(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        self.urgent.fetch(self.pid(file)?, offset, buf).map_err(SourceError::Remote)
+        self.fetch_urgent(self.pid(file)?, offset, buf).map_err(SourceError::Remote)
+    }
+
+    fn stats(&self) -> Option<SourceStats> {
+        Some(self.counters.stats(&self.name))
     }
 
     fn prepare(&self, key: u64, spans: &[(u32, u64, u64)]) {

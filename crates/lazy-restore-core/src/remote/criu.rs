@@ -17,12 +17,12 @@
 
 use crate::remote::intervals::IntervalSet;
 use crate::remote::RemoteError;
-use crate::source::{PageSource, SourceError};
+use crate::source::{PageSource, SourceCounters, SourceError, SourceStats};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// PS_IOV_GET.
@@ -160,6 +160,11 @@ impl CriuClient {
             broken: false,
             closed: false,
         })
+    }
+
+    /// host:port of the server.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     fn holds(&self, pid: i32, addr: u64, pages: u64) -> bool {
@@ -342,6 +347,8 @@ impl CriuClient {
 /// * before each step the copier lets any waiting fault take the connection.
 pub struct CriuSource {
     pids: Vec<i32>,
+    name: String,
+    counters: Arc<SourceCounters>,
     session: Mutex<Session>,
     /// Faults waiting for the session.
     urgent_waiting: AtomicUsize,
@@ -362,6 +369,7 @@ struct Session {
     bg_pages: u64,
     max_bg_pages: u64,
     stash_bytes: u64,
+    counters: Arc<SourceCounters>,
     /// GETs in flight that are background (front = oldest), to account `bg_pages`.
     kinds: VecDeque<(bool, u64)>,
     last_key: u64,
@@ -391,6 +399,8 @@ impl Session {
         self.c.send_get(pid, addr, pages)?;
         debug_assert_eq!(self.c.in_flight().0, before + 1);
         self.kinds.push_back((background, pages));
+        let c = &self.counters;
+        SourceCounters::add(if background { &c.bulk_requests } else { &c.urgent_requests }, 1);
         if background {
             self.bg_pages += pages;
             self.max_bg_pages = self.max_bg_pages.max(self.bg_pages);
@@ -402,6 +412,8 @@ impl Session {
     fn recv(&mut self) -> Result<(), RemoteError> {
         let r = self.c.recv()?;
         let n = (r.data.len() as u64) / PAGE;
+        SourceCounters::add(&self.counters.page_bytes, r.data.len() as u64);
+        SourceCounters::add(&self.counters.wire_bytes, r.data.len() as u64 + self.c.layout.header_len() as u64);
         if let Some((bg, asked)) = self.kinds.pop_front() {
             if bg {
                 self.bg_pages = self.bg_pages.saturating_sub(asked);
@@ -525,8 +537,11 @@ impl Session {
 impl CriuSource {
     /// Wraps a connected client.
     pub fn new(client: CriuClient, pids: Vec<i32>) -> Self {
+        let counters = Arc::new(SourceCounters::default());
         Self {
             pids,
+            name: format!("CRIU page server {}", client.addr()),
+            counters: Arc::clone(&counters),
             session: Mutex::new(Session {
                 c: client,
                 stash: BTreeMap::new(),
@@ -534,6 +549,7 @@ impl CriuSource {
                 bg_pages: 0,
                 max_bg_pages: 0,
                 stash_bytes: 0,
+                counters,
                 kinds: VecDeque::new(),
                 last_key: 0,
             }),
@@ -653,6 +669,10 @@ impl PageSource for CriuSource {
                 s.plan.push_back((key, pid, offset, bytes / PAGE));
             }
         }
+    }
+
+    fn stats(&self) -> Option<SourceStats> {
+        Some(self.counters.stats(&self.name))
     }
 
     fn finish(&self, complete: bool) -> Result<(), SourceError> {
