@@ -34,6 +34,7 @@ import {
 } from './lib/runner.js';
 import { summarize, table, type VariantSummary } from './lib/summary.js';
 import { BENCH_BIN, WORKLOADS, dumpBench, type BenchWorkload, type WorkloadName } from './lib/workload.js';
+import { list } from './lib/options.js';
 
 const USAGE = `usage: npm run bench -- [options]
   --quick             256 MiB only, 2 reps, random+hotset+tree (a few minutes at most)
@@ -58,12 +59,6 @@ interface Options {
   keep: boolean;
   logLevel: number;
   timeoutS?: number;
-}
-
-function list<T extends string>(v: string, allowed: readonly T[], what: string): T[] {
-  const xs = v.split(',').map((s) => s.trim()).filter(Boolean);
-  for (const x of xs) if (!allowed.includes(x as T)) throw new Error(`unknown ${what} '${x}' (one of ${allowed.join(', ')})`);
-  return xs as T[];
 }
 
 function parseOptions(argv: string[]): Options {

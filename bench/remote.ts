@@ -31,6 +31,7 @@ import { LINKS, LINK_DEFS, REMOTE_VARIANTS, runRemote, type LinkName, type Remot
 import { probeLine, probeLink, rigDown, rigQdisc, rigUp, type LinkProbe } from './lib/remote-rig.js';
 import { remoteTable, summarizeRemote, type RemoteSummary } from './lib/remote-summary.js';
 import { BENCH_BIN, WORKLOADS, dumpBench, type BenchWorkload, type WorkloadName } from './lib/workload.js';
+import { list } from './lib/options.js';
 
 const USAGE = `usage: npm run bench:remote -- [options]
   --quick             256 MiB only, 2 reps, random+hotset+tree
@@ -60,12 +61,6 @@ interface Options {
   keep: boolean;
   logLevel: number;
   timeoutS?: number;
-}
-
-function list<T extends string>(v: string, allowed: readonly T[], what: string): T[] {
-  const xs = v.split(',').map((s) => s.trim()).filter(Boolean);
-  for (const x of xs) if (!allowed.includes(x as T)) throw new Error(`unknown ${what} '${x}' (one of ${allowed.join(', ')})`);
-  return xs as T[];
 }
 
 function parseOptions(argv: string[]): Options {

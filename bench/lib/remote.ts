@@ -22,14 +22,15 @@
  * src/harness/procs.ts, so a timeout or Ctrl-C (killAll) kills it all.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { exited, tail } from '../../src/harness/process.js';
 import { descendants, killGroup, killPids, killTree, track } from '../../src/harness/procs.js';
 import { REAPER_BIN } from '../../src/harness/workload.js';
 import { freePort, raisePipeMax } from '../../__test__/helpers/remote.js';
-import { CLI, type DaemonStats } from './runner.js';
-import { BENCH_BIN, readBenchResults, startBench, type BenchResult, type BenchWorkload, type WorkloadName } from './workload.js';
+import { CLI, daemonStats, type DaemonStats } from './runner.js';
+import { inNet, readBenchResults, startBench, type BenchResult, type BenchWorkload, type WorkloadName } from './workload.js';
+export { inNet } from './workload.js';
 
 export const REMOTE_VARIANTS = ['criu-ps/criu-daemon', 'criu-ps/ours', 'lazy-ps/ours'] as const;
 export type RemoteVariant = (typeof REMOTE_VARIANTS)[number];
@@ -67,11 +68,6 @@ export const LINK_DEFS: Record<LinkName, Link> = {
   },
 };
 
-/** `cmd args` inside network namespace `net` (only the network namespace). */
-export function inNet(net: string | undefined, cmd: string, args: string[]): [string, string[]] {
-  return net ? ['nsenter', [`--net=/run/netns/${net}`, '--', cmd, ...args]] : [cmd, args];
-}
-
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -84,56 +80,6 @@ function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
 type Exit = { code: number | null; signal: NodeJS.Signals | null };
 
 // ---- the source side ------------------------------------------------------------------
-
-/**
- * startBench (bench/lib/workload.ts) in network namespace `net`: criu dump must run in the
- * task's network namespace (else it dumps the namespace), and the dump's page server must
- * listen on the source address, which exists only in lr-src. Without a namespace this is
- * startBench itself.
- */
-export async function startBenchIn(
-  net: string | undefined,
-  o: { mb: number; mode: WorkloadName; dir: string },
-  timeoutMs = 180_000,
-): Promise<BenchWorkload> {
-  if (!net) return startBench(o, timeoutMs);
-  mkdirSync(o.dir, { recursive: true });
-  const logFile = join(o.dir, 'workload.log');
-  const triggerFile = join(o.dir, 'trigger');
-  const resultFile = join(o.dir, 'result');
-  const [cmd, args] = inNet(net, REAPER_BIN, [BENCH_BIN, '--mb', String(o.mb), '--mode', o.mode, '--trigger', triggerFile, '--result', resultFile]);
-  const out = openSync(logFile, 'a');
-  // nsenter execs lr-reaper: the child is the reaper, as with startBench.
-  const reaper = track(spawn(cmd, args, { stdio: ['ignore', out, out], detached: true }));
-  closeSync(out);
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const text = existsSync(logFile) ? readFileSync(logFile, 'utf8') : '';
-    const ready = /^ready (\d+) (\d+)$/m.exec(text);
-    const pids = /^pids ([\d ]+)$/m.exec(text);
-    if (ready && pids) {
-      return {
-        pid: Number(ready[1]),
-        nprocs: Number(ready[2]),
-        pids: pids[1]!.trim().split(/\s+/).map(Number),
-        mode: o.mode,
-        reaper,
-        triggerFile,
-        resultFile,
-        logFile,
-        opts: { mb: o.mb, dir: o.dir },
-      };
-    }
-    if (reaper.exitCode !== null || reaper.signalCode !== null) {
-      throw new Error(`lr-bench (in netns ${net}) exited before it was ready (${reaper.exitCode ?? reaper.signalCode}):\n${text}`);
-    }
-    if (Date.now() > deadline) {
-      killTree(reaper);
-      throw new Error(`lr-bench (in netns ${net}) not ready after ${timeoutMs} ms:\n${text}`);
-    }
-    await sleep(20);
-  }
-}
 
 export interface Proc {
   child: ChildProcess;
@@ -185,7 +131,7 @@ export async function lazyDumpBench(
   o: { mb: number; mode: WorkloadName; dir: string; logLevel: number },
 ): Promise<LazyDumped> {
   raisePipeMax(); // CRIU's page server splices through 4 MiB pipes
-  const w = await startBenchIn(link.srcNet, o);
+  const w = await startBench({ ...o, net: link.srcNet }, 180_000);
   const imgs = join(o.dir, 'images');
   mkdirSync(imgs, { recursive: true });
   const port = link.listenPort || (await freePort());
@@ -354,29 +300,6 @@ export interface RemoteContext {
   plain?: { w: BenchWorkload; imgs: string };
 }
 
-function daemonStats(report: any): DaemonStats | undefined {
-  if (!report || typeof report !== 'object') return undefined;
-  const t = report.totals ?? {};
-  const tl = report.timeline ?? {};
-  const fl = report.faultLatency ?? {};
-  const s: DaemonStats = {
-    bytesCopied: Number(t.bytesCopied ?? 0),
-    pagesFault: t.pagesFault,
-    pagesBackground: t.pagesBackground,
-    faults: t.faults,
-    connectUs: tl.connectUs,
-    finishedUs: tl.finishedUs,
-    doneUs: tl.doneUs,
-    faultP50Us: fl.count ? fl.p50Us : undefined,
-    faultP99Us: fl.count ? fl.p99Us : undefined,
-    faultCount: fl.count,
-    faultsPerCpu: report.faultsPerCpu,
-  };
-  if (s.doneUs !== undefined && s.finishedUs !== undefined && s.doneUs > s.finishedUs && s.bytesCopied > 0) {
-    s.transferGBps = s.bytesCopied / ((s.doneUs - s.finishedUs) / 1e6) / 1e9;
-  }
-  return s;
-}
 
 /**
  * One restore with `variant` over `link`. Never throws for a failed restore (that is a FAILED

@@ -190,7 +190,8 @@ export interface RunContext {
   keep: boolean;
 }
 
-function daemonStats(report: any): DaemonStats | undefined {
+/** Our daemon's `--report`, reduced to what the benchmarks show. */
+export function daemonStats(report: any): DaemonStats | undefined {
   if (!report || typeof report !== 'object') return undefined;
   const t = report.totals ?? {};
   const tl = report.timeline ?? {};

@@ -20,9 +20,19 @@ export interface BenchWorkload extends RunningWorkload {
   pids: number[];
 }
 
-/** Starts lr-bench in its own session under lr-reaper; resolves once it printed "ready". */
+/** `cmd args` inside network namespace `net` (only the network namespace: `ip netns exec`
+ * would also unshare the mount namespace, and criu would then dump a foreign one). */
+export function inNet(net: string | undefined, cmd: string, args: string[]): [string, string[]] {
+  return net ? ['nsenter', [`--net=/run/netns/${net}`, '--', cmd, ...args]] : [cmd, args];
+}
+
+/**
+ * Starts lr-bench in its own session under lr-reaper; resolves once it printed "ready". With
+ * `net`, in that network namespace (criu dump must run in the task's network namespace, and a
+ * dump's page server must listen on an address that exists only there).
+ */
 export async function startBench(
-  o: { mb: number; mode: WorkloadName; percent?: number; seed?: number; dir: string },
+  o: { mb: number; mode: WorkloadName; percent?: number; seed?: number; dir: string; net?: string },
   timeoutMs = 120_000,
 ): Promise<BenchWorkload> {
   mkdirSync(o.dir, { recursive: true });
@@ -32,9 +42,11 @@ export async function startBench(
   const args = [BENCH_BIN, '--mb', String(o.mb), '--mode', o.mode, '--trigger', triggerFile, '--result', resultFile];
   if (o.percent !== undefined) args.push('--percent', String(o.percent));
   if (o.seed !== undefined) args.push('--seed', String(o.seed));
+  const [cmd, argv] = inNet(o.net, REAPER_BIN, args);
   const out = openSync(logFile, 'a');
-  // detached: a session of its own, so criu dumps exactly this tree and no terminal.
-  const reaper = track(spawn(REAPER_BIN, args, { stdio: ['ignore', out, out], detached: true }));
+  // detached: a session of its own, so criu dumps exactly this tree and no terminal (nsenter
+  // execs lr-reaper, so the child is the reaper either way).
+  const reaper = track(spawn(cmd, argv, { stdio: ['ignore', out, out], detached: true }));
   closeSync(out);
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -55,11 +67,11 @@ export async function startBench(
       };
     }
     if (reaper.exitCode !== null || reaper.signalCode !== null) {
-      throw new Error(`lr-bench exited before it was ready (${reaper.exitCode ?? reaper.signalCode}):\n${text}`);
+      throw new Error(`lr-bench${o.net ? ` (in netns ${o.net})` : ''} exited before it was ready (${reaper.exitCode ?? reaper.signalCode}):\n${text}`);
     }
     if (Date.now() > deadline) {
       killTree(reaper);
-      throw new Error(`lr-bench not ready after ${timeoutMs} ms:\n${text}`);
+      throw new Error(`lr-bench${o.net ? ` (in netns ${o.net})` : ''} not ready after ${timeoutMs} ms:\n${text}`);
     }
     await new Promise((r) => setTimeout(r, 20));
   }

@@ -7,7 +7,7 @@
 //! period of that outage is over, then fails with [`RemoteError::Unavailable`]. A refusal
 //! (token, version) is never retried.
 
-use crate::remote::intervals::IntervalSet;
+use crate::remote::intervals::{copy_overlaps, IntervalSet};
 use crate::remote::protocol::{
     read_frame, write_frame, Frame, PageRun, ProtocolError, Role, StreamMode, FEATURE_LZ4,
     MAX_PAGES, MAX_RUNS, PAGE, VERSION,
@@ -505,15 +505,8 @@ impl BulkState {
     /// Copies what the stash holds of `[addr, addr + buf.len())` into `buf`, noting it in `got`.
     fn take(&self, pid: i32, addr: u64, buf: &mut [u8], got: &mut IntervalSet) {
         let end = addr + buf.len() as u64;
-        for (&(_, a), (_, data)) in self.stash.range((pid, addr.saturating_sub(MAX_CHUNK))..(pid, end)) {
-            let lo = a.max(addr);
-            let hi = (a + data.len() as u64).min(end);
-            if lo < hi {
-                buf[(lo - addr) as usize..(hi - addr) as usize]
-                    .copy_from_slice(&data[(lo - a) as usize..(hi - a) as usize]);
-                got.insert(pid, lo, hi);
-            }
-        }
+        let chunks = self.stash.range((pid, addr.saturating_sub(MAX_CHUNK))..(pid, end));
+        copy_overlaps(pid, addr, buf, got, chunks.map(|(&(_, a), (_, d))| (a, d.as_slice())));
     }
 
     fn start(&mut self, runs: Vec<PageRun>) -> Result<u32, RemoteError> {

@@ -15,7 +15,7 @@
 //!   source resumes its tasks.
 //! * One connection, no reconnect: CRIU's server accepts a single session.
 
-use crate::remote::intervals::IntervalSet;
+use crate::remote::intervals::{copy_overlaps, IntervalSet};
 use crate::remote::RemoteError;
 use crate::source::{PageSource, SourceCounters, SourceError, SourceStats};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -440,15 +440,8 @@ impl Session {
     /// Copies what the stash holds of `[addr, addr + buf.len())`; notes it in `got`.
     fn take(&self, pid: i32, addr: u64, buf: &mut [u8], got: &mut IntervalSet) {
         let end = addr + buf.len() as u64;
-        for (&(_, a), data) in self.stash.range((pid, addr.saturating_sub(MAX_REPLY))..(pid, end)) {
-            let lo = a.max(addr);
-            let hi = (a + data.len() as u64).min(end);
-            if lo < hi {
-                buf[(lo - addr) as usize..(hi - addr) as usize]
-                    .copy_from_slice(&data[(lo - a) as usize..(hi - a) as usize]);
-                got.insert(pid, lo, hi);
-            }
-        }
+        let chunks = self.stash.range((pid, addr.saturating_sub(MAX_REPLY))..(pid, end));
+        copy_overlaps(pid, addr, buf, got, chunks.map(|(&(_, a), d)| (a, d.as_slice())));
     }
 
     fn stashed(&self, pid: i32, addr: u64) -> bool {

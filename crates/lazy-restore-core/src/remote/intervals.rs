@@ -95,3 +95,25 @@ mod tests {
         assert_eq!(s.first_gap(1, 40, 60), Some((45, 60)));
     }
 }
+
+/// Copies into `buf` (the pages of `pid` from image address `addr`) whatever part of `chunks`
+/// ((image address, bytes) of that pid, in any order) overlaps it, and notes what was copied
+/// in `got`: how the remote sources serve a read from replies that arrived earlier.
+pub(crate) fn copy_overlaps<'a>(
+    pid: i32,
+    addr: u64,
+    buf: &mut [u8],
+    got: &mut IntervalSet,
+    chunks: impl Iterator<Item = (u64, &'a [u8])>,
+) {
+    let end = addr + buf.len() as u64;
+    for (a, data) in chunks {
+        let lo = a.max(addr);
+        let hi = (a + data.len() as u64).min(end);
+        if lo < hi {
+            buf[(lo - addr) as usize..(hi - addr) as usize]
+                .copy_from_slice(&data[(lo - a) as usize..(hi - a) as usize]);
+            got.insert(pid, lo, hi);
+        }
+    }
+}
