@@ -13,7 +13,7 @@
  * processes did not all report ok=1 is FAILED and shown as such, never as a time.
  * See bench/README.md for the columns.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, totalmem } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -37,6 +37,8 @@ import { BENCH_BIN, WORKLOADS, dumpBench, type BenchWorkload, type WorkloadName 
 import { list } from './lib/options.js';
 
 const USAGE = `usage: npm run bench -- [options]
+  --remote            the remote rows instead (pages over TCP; same as npm run bench:remote,
+                      which takes the options below plus --links: see its --help)
   --quick             256 MiB only, 2 reps, random+hotset+tree (a few minutes at most)
   --reps N            repetitions per variant (default 5; quick 2)
   --sizes LIST        MiB of the workload, comma separated (default 256,2048)
@@ -153,6 +155,13 @@ interface Group {
 }
 
 async function main(): Promise<number> {
+  const argv = process.argv.slice(2);
+  if (argv.includes('--remote')) {
+    // The remote rows live in bench/remote.ts (npm run bench:remote); run it in our place.
+    const rest = argv.filter((a) => a !== '--remote');
+    const r = spawnSync(process.execPath, [...process.execArgv, join(dirname(new URL(import.meta.url).pathname), 'remote.ts'), ...rest], { stdio: 'inherit' });
+    return r.status ?? 1;
+  }
   let o: Options;
   try {
     o = parseOptions(process.argv.slice(2));
