@@ -17,7 +17,6 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, totalmem } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { parseArgs } from 'node:util';
 import { requireCriu } from '../src/harness/criu.js';
 import { run } from '../src/harness/process.js';
 import { PACKAGE_ROOT, buildWorkloads } from '../src/harness/workload.js';
@@ -34,7 +33,7 @@ import {
 } from './lib/runner.js';
 import { summarize, table, type VariantSummary } from './lib/summary.js';
 import { BENCH_BIN, WORKLOADS, dumpBench, type BenchWorkload, type WorkloadName } from './lib/workload.js';
-import { list } from './lib/options.js';
+import { list, parseBenchArgs } from './lib/options.js';
 
 const USAGE = `usage: npm run bench -- [options]
   --remote            the remote rows instead (pages over TCP; same as npm run bench:remote,
@@ -64,44 +63,12 @@ interface Options {
 }
 
 function parseOptions(argv: string[]): Options {
-  const { values: v } = parseArgs({
-    args: argv,
-    options: {
-      quick: { type: 'boolean', default: false },
-      reps: { type: 'string' },
-      sizes: { type: 'string' },
-      workloads: { type: 'string' },
-      variants: { type: 'string' },
-      out: { type: 'string' },
-      dir: { type: 'string' },
-      keep: { type: 'boolean', default: false },
-      'verbose-logs': { type: 'boolean', default: false },
-      timeout: { type: 'string' },
-      help: { type: 'boolean', short: 'h', default: false },
-    },
-    strict: true,
-  });
-  if (v.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  const quick = !!v.quick;
-  const reps = v.reps ? Number(v.reps) : quick ? 2 : 5;
-  if (!Number.isInteger(reps) || reps < 1) throw new Error(`--reps ${v.reps}: not a positive integer`);
-  const sizes = (v.sizes ?? (quick ? '256' : '256,2048')).split(',').map(Number);
-  if (sizes.some((s) => !Number.isInteger(s) || s < 2)) throw new Error(`--sizes ${v.sizes}: MiB, integers >= 2`);
-  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  const c = parseBenchArgs(argv, USAGE, 'e2e', ['workloads', 'variants'] as const);
   return {
-    quick,
-    reps,
-    sizes,
-    workloads: list(v.workloads ?? (quick ? 'random,hotset,tree' : WORKLOADS.join(',')), WORKLOADS, 'workload'),
-    variants: list(v.variants ?? VARIANTS.join(','), VARIANTS, 'variant'),
-    out: resolve(v.out ?? join(PACKAGE_ROOT, 'bench', 'results', `e2e-${stamp}.json`)),
-    dir: resolve(v.dir ?? (existsSync('/dev/shm') ? '/dev/shm' : '/tmp')),
-    keep: !!v.keep,
-    logLevel: v['verbose-logs'] ? 4 : 2,
-    timeoutS: v.timeout ? Number(v.timeout) : undefined,
+    ...c,
+    reps: c.reps ?? 5,
+    workloads: list(c.lists.workloads ?? (c.quick ? 'random,hotset,tree' : WORKLOADS.join(',')), WORKLOADS, 'workload'),
+    variants: list(c.lists.variants ?? VARIANTS.join(','), VARIANTS, 'variant'),
   };
 }
 

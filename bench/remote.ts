@@ -21,7 +21,6 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, totalmem } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { parseArgs } from 'node:util';
 import { requireCriu } from '../src/harness/criu.js';
 import { run } from '../src/harness/process.js';
 import { killAll } from '../src/harness/procs.js';
@@ -31,7 +30,7 @@ import { LINKS, LINK_DEFS, REMOTE_VARIANTS, runRemote, type LinkName, type Remot
 import { probeLine, probeLink, rigDown, rigQdisc, rigUp, type LinkProbe } from './lib/remote-rig.js';
 import { remoteTable, summarizeRemote, type RemoteSummary } from './lib/remote-summary.js';
 import { BENCH_BIN, WORKLOADS, dumpBench, type BenchWorkload, type WorkloadName } from './lib/workload.js';
-import { list } from './lib/options.js';
+import { list, parseBenchArgs } from './lib/options.js';
 
 const USAGE = `usage: npm run bench:remote -- [options]
   --quick             256 MiB only, 2 reps, random+hotset+tree
@@ -64,48 +63,12 @@ interface Options {
 }
 
 function parseOptions(argv: string[]): Options {
-  const { values: v } = parseArgs({
-    args: argv,
-    options: {
-      quick: { type: 'boolean', default: false },
-      reps: { type: 'string' },
-      sizes: { type: 'string' },
-      workloads: { type: 'string' },
-      links: { type: 'string' },
-      variants: { type: 'string' },
-      out: { type: 'string' },
-      dir: { type: 'string' },
-      keep: { type: 'boolean', default: false },
-      'verbose-logs': { type: 'boolean', default: false },
-      timeout: { type: 'string' },
-      help: { type: 'boolean', short: 'h', default: false },
-    },
-    strict: true,
-  });
-  if (v.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  const quick = !!v.quick;
-  const reps = v.reps ? Number(v.reps) : quick ? 2 : undefined;
-  if (reps !== undefined && (!Number.isInteger(reps) || reps < 1)) throw new Error(`--reps ${v.reps}: not a positive integer`);
-  const sizes = (v.sizes ?? (quick ? '256' : '256,2048')).split(',').map(Number);
-  if (sizes.some((s) => !Number.isInteger(s) || s < 2)) throw new Error(`--sizes ${v.sizes}: MiB, integers >= 2`);
-  const timeoutS = v.timeout ? Number(v.timeout) : undefined;
-  if (timeoutS !== undefined && !(timeoutS > 0)) throw new Error(`--timeout ${v.timeout}: seconds`);
-  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  const c = parseBenchArgs(argv, USAGE, 'remote', ['workloads', 'links', 'variants'] as const);
   return {
-    quick,
-    reps,
-    sizes,
-    workloads: list(v.workloads ?? 'random,hotset,tree', WORKLOADS, 'workload'),
-    links: list(v.links ?? LINKS.join(','), LINKS, 'link'),
-    variants: list(v.variants ?? REMOTE_VARIANTS.join(','), REMOTE_VARIANTS, 'variant'),
-    out: resolve(v.out ?? join(PACKAGE_ROOT, 'bench', 'results', `remote-${stamp}.json`)),
-    dir: resolve(v.dir ?? (existsSync('/dev/shm') ? '/dev/shm' : '/tmp')),
-    keep: !!v.keep,
-    logLevel: v['verbose-logs'] ? 4 : 2,
-    timeoutS,
+    ...c,
+    workloads: list(c.lists.workloads ?? 'random,hotset,tree', WORKLOADS, 'workload'),
+    links: list(c.lists.links ?? LINKS.join(','), LINKS, 'link'),
+    variants: list(c.lists.variants ?? REMOTE_VARIANTS.join(','), REMOTE_VARIANTS, 'variant'),
   };
 }
 

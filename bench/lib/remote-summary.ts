@@ -4,7 +4,7 @@
  * never shown as a time.
  */
 import { BASELINE, type LinkName, type RemoteRun, type RemoteVariant } from './remote.js';
-import { dist, type Dist } from './summary.js';
+import { dist, layout, num, range, type Dist } from './summary.js';
 
 export interface RemoteSummary {
   variant: RemoteVariant;
@@ -92,20 +92,6 @@ export function summarizeRemote(variants: RemoteVariant[], runs: RemoteRun[], se
 
 // ---- table ---------------------------------------------------------------------------
 
-function num(x: number, digits?: number): string {
-  if (digits !== undefined) return x.toFixed(digits);
-  if (x >= 100) return x.toFixed(0);
-  if (x >= 10) return x.toFixed(1);
-  return x.toFixed(2);
-}
-
-/** `median [min–max]`, or the value alone for one run. */
-function range(d: Dist | undefined, digits?: number): string {
-  if (!d) return '-';
-  if (d.n === 1 || d.min === d.max) return num(d.median, digits);
-  return `${num(d.median, digits)} [${num(d.min, digits)}–${num(d.max, digits)}]`;
-}
-
 function kilo(x: number | undefined): string {
   if (x === undefined) return '-';
   return x >= 1e6 ? `${(x / 1e6).toFixed(2)}M` : x >= 1e4 ? `${(x / 1e3).toFixed(0)}k` : x.toFixed(0);
@@ -162,11 +148,5 @@ export function remoteTable(summaries: RemoteSummary[], o: { link: LinkName; hot
     ]);
     if (s.failedRuns) notes.push(`!! ${s.variant}: ${s.failedRuns} of ${s.runs} runs FAILED: ${s.reason}`);
   }
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.filter((r) => i === 0 || r.length > 2).map((r) => (r[i] ?? '').length)) + 2);
-  const pad = (s: string, n: number) => (s.length >= n ? s + ' ' : s.padEnd(n));
-  const line = (cells: string[]) =>
-    cells.length === 2 && cells.length < head.length
-      ? pad(cells[0]!, widths[0]!) + cells[1]
-      : cells.map((c, i) => (i === cells.length - 1 ? c : pad(c, widths[i]!))).join('');
-  return [line(head), ...rows.map(line), ...notes].join('\n');
+  return layout(head, rows, notes);
 }

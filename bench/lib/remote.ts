@@ -28,8 +28,8 @@ import { exited, tail } from '../../src/harness/process.js';
 import { descendants, killGroup, killPids, killTree, track } from '../../src/harness/procs.js';
 import { REAPER_BIN } from '../../src/harness/workload.js';
 import { freePort, raisePipeMax } from '../../__test__/helpers/remote.js';
-import { CLI, daemonStats, type DaemonStats } from './runner.js';
-import { inNet, readBenchResults, startBench, type BenchResult, type BenchWorkload, type WorkloadName } from './workload.js';
+import { CLI, daemonStats, judge, type DaemonStats } from './runner.js';
+import { inNet, startBench, type BenchResult, type BenchWorkload, type WorkloadName } from './workload.js';
 export { inNet } from './workload.js';
 
 export const REMOTE_VARIANTS = ['criu-ps/criu-daemon', 'criu-ps/ours', 'lazy-ps/ours'] as const;
@@ -424,22 +424,7 @@ export async function runRemote(ctx: RemoteContext, variant: RemoteVariant, rep:
     if (link.rateBps && rec.daemon.transferGBps !== undefined) rec.linkUtil = (rec.daemon.transferGBps * 8e9) / link.rateBps;
   }
 
-  // The workload is the judge: one ok=1 line per process, or the run failed.
-  rec.results = readBenchResults(w.resultFile);
-  if (rec.results.length !== w.nprocs) rec.failures.push(`${rec.results.length} of ${w.nprocs} result lines`);
-  for (const x of rec.results) {
-    if (!x.ok) rec.failures.push(`${x.role} ${x.pid}: NOT VERIFIED (bad pages ${x.bad}, bad in working set ${x.wsBad})`);
-  }
-  const owners = rec.results.filter((x) => x.role !== 'parent');
-  if (owners.length) {
-    rec.wsMs = Math.max(...owners.map((x) => x.wsMs));
-    if (owners.every((x) => x.t0RtNs > 0n)) {
-      rec.restoreToWsMs = Math.max(...owners.map((x) => Number(x.t0RtNs / 1000n) / 1e3 - t0RtMs + x.wsMs));
-    }
-    rec.workloadMs = Math.max(...rec.results.map((x) => x.totalMs));
-  }
-  const hot = rec.results.find((x) => x.mode === 'hotset' && x.ops100.length);
-  if (hot && hot.steadyOps > 0) rec.hotFirst100Pct = (hot.ops100[0]! / (hot.steadyOps * 0.1)) * 100;
+  judge(rec, w, t0RtMs);
 
   rec.ok = rec.failures.length === 0;
   if (!rec.ok) {

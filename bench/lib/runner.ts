@@ -286,7 +286,37 @@ export async function runOnce(ctx: RunContext, variant: VariantDef, rep: number,
     }
   }
 
-  // The workload is the judge: one ok=1 line per process, or the run failed.
+  judge(rec, w, t0RtMs);
+
+  rec.ok = rec.failures.length === 0;
+  if (!rec.ok) {
+    rec.logs = {
+      restore: tail(restoreLog, 20) || restoreErr.slice(-2000),
+      ...(daemon ? { daemon: tail(daemon.logFile, 20) + (daemon.stderr() ? `\n[stderr]\n${daemon.stderr().slice(-2000)}` : '') } : {}),
+      work,
+    };
+  } else if (!ctx.keep) {
+    rmSync(work, { recursive: true, force: true });
+  }
+  return rec;
+}
+
+/** What `judge` fills in. */
+export interface Judged {
+  results: BenchResult[];
+  failures: string[];
+  wsMs?: number;
+  restoreToWsMs?: number;
+  workloadMs?: number;
+  hotFirst100Pct?: number;
+  hotFirst1sPct?: number;
+}
+
+/**
+ * The workload is the judge: one ok=1 line per process, or the run failed. Reads the result
+ * file and derives the times (`t0RtMs`: wall-clock ms when criu restore started).
+ */
+export function judge(rec: Judged, w: BenchWorkload, t0RtMs: number): void {
   rec.results = readBenchResults(w.resultFile);
   if (rec.results.length !== w.nprocs) rec.failures.push(`${rec.results.length} of ${w.nprocs} result lines`);
   for (const x of rec.results) {
@@ -305,16 +335,4 @@ export async function runOnce(ctx: RunContext, variant: VariantDef, rep: number,
     rec.hotFirst100Pct = (hot.ops100[0]! / (hot.steadyOps * 0.1)) * 100;
     rec.hotFirst1sPct = (hot.ops100.slice(0, 10).reduce((a, b) => a + b, 0) / hot.steadyOps) * 100;
   }
-
-  rec.ok = rec.failures.length === 0;
-  if (!rec.ok) {
-    rec.logs = {
-      restore: tail(restoreLog, 20) || restoreErr.slice(-2000),
-      ...(daemon ? { daemon: tail(daemon.logFile, 20) + (daemon.stderr() ? `\n[stderr]\n${daemon.stderr().slice(-2000)}` : '') } : {}),
-      work,
-    };
-  } else if (!ctx.keep) {
-    rmSync(work, { recursive: true, force: true });
-  }
-  return rec;
 }

@@ -96,16 +96,17 @@ export function summarize(
 
 // ---- table ---------------------------------------------------------------------------
 
-function num(x: number, digits?: number): string {
+export function num(x: number, digits?: number): string {
   if (digits !== undefined) return x.toFixed(digits);
   if (x >= 100) return x.toFixed(0);
   if (x >= 10) return x.toFixed(1);
   return x.toFixed(2);
 }
 
-function range(d: Dist | undefined, digits?: number): string {
+/** `median [min–max]`, or the value alone for one run (or when all runs agree). */
+export function range(d: Dist | undefined, digits?: number): string {
   if (!d) return '-';
-  if (d.n === 1) return num(d.median, digits);
+  if (d.n === 1 || d.min === d.max) return num(d.median, digits);
   return `${num(d.median, digits)} [${num(d.min, digits)}–${num(d.max, digits)}]`;
 }
 
@@ -142,6 +143,14 @@ export function table(summaries: VariantSummary[], o: { hotset: boolean }): stri
     ]);
     if (s.failedRuns) notes.push(`!! ${s.variant}: ${s.failedRuns} of ${s.runs} runs FAILED: ${s.reason}`);
   }
+  return layout(head, rows, notes);
+}
+
+/**
+ * Aligned columns: the header, the rows (a row of two cells is a variant and a message that
+ * spans the rest), then the notes.
+ */
+export function layout(head: string[], rows: string[][], notes: string[]): string {
   const widths = head.map((h, i) => Math.max(h.length, ...rows.filter((r) => i === 0 || r.length > 2).map((r) => (r[i] ?? '').length)) + 2);
   const line = (cells: string[]) =>
     cells.length === 2 && cells.length < head.length
