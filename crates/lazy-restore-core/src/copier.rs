@@ -410,14 +410,23 @@ fn run(sh: &Shared, source: &dyn PageSource, copy_log: &Option<CopyLog>) {
             g.active = g.queued.pop_front();
         }
         // Announce the running job and the next one, so a remote source streams the next
-        // job's pages while this one is copied (no round trip between jobs).
-        for job in g.active.iter().chain(g.queued.front()) {
-            if job.id > prepared {
-                prepared = job.id;
-                let spans: Vec<(u32, u64, u64)> =
-                    job.spans.iter().map(|s| (s.file, s.offset, s.bytes())).collect();
-                source.prepare(job.id, &spans);
+        // job's pages while this one is copied (no round trip between jobs). Outside the
+        // lock: a remote source may wait for its connection, and the loop must not wait.
+        let announce: Vec<(u64, Vec<(u32, u64, u64)>)> = g
+            .active
+            .iter()
+            .chain(g.queued.front())
+            .filter(|job| job.id > prepared)
+            .map(|job| (job.id, job.spans.iter().map(|s| (s.file, s.offset, s.bytes())).collect()))
+            .collect();
+        if !announce.is_empty() {
+            drop(g);
+            for (id, spans) in &announce {
+                prepared = prepared.max(*id);
+                source.prepare(*id, spans);
             }
+            g = lock(&sh.slot);
+            continue;
         }
         let Some(job) = g.active.as_mut() else {
             g = sh.cv.wait(g).unwrap_or_else(|p| p.into_inner());

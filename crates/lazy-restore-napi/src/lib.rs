@@ -216,7 +216,7 @@ pub struct NativeEngineConfig {
     pub remote: Option<remote::NativeRemoteSource>,
 }
 
-fn u64_of(b: &BigInt, what: &str, pid: i32) -> Result<u64, String> {
+pub(crate) fn u64_of(b: &BigInt, what: &str, pid: i32) -> Result<u64, String> {
     let (negative, value, lossless) = b.get_u64();
     if negative || !lossless {
         return Err(format!(
@@ -226,12 +226,10 @@ fn u64_of(b: &BigInt, what: &str, pid: i32) -> Result<u64, String> {
     Ok(value)
 }
 
-/// A config, or the error code ('PLAN_INVALID' | 'POLICY_INVALID') and message.
-fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, (&'static str, String)> {
-    let plan = |m: String| ("PLAN_INVALID", m);
-    let tasks = c
-        .tasks
-        .into_iter()
+/// The plan's tasks, or what is wrong with them.
+pub(crate) fn task_plans(tasks: &[NativeTaskPlan]) -> Result<Vec<TaskPlan>, String> {
+    tasks
+        .iter()
         .map(|t| {
             let pid = t.pid;
             let ranges = t
@@ -251,8 +249,12 @@ fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, (&'static str, Strin
                 .collect::<Result<Vec<_>, String>>()?;
             Ok(TaskPlan { pid, ranges })
         })
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(plan)?;
+        .collect()
+}
+
+/// A config, or the error code ('PLAN_INVALID' | 'POLICY_INVALID') and message.
+fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, (&'static str, String)> {
+    let tasks = task_plans(&c.tasks).map_err(|m| ("PLAN_INVALID", m))?;
     let mut cfg = EngineConfig::new(
         PathBuf::from(c.socket_path),
         tasks,
@@ -280,7 +282,7 @@ fn to_config(c: NativeEngineConfig) -> Result<EngineConfig, (&'static str, Strin
 // ---- telemetry (Rust → JS) --------------------------------------------------------------
 
 /// u64 counters and µs as JS numbers (exact up to 2^53).
-fn num(v: u64) -> i64 {
+pub(crate) fn num(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

@@ -2,8 +2,7 @@
 //! remote page sources an engine can read from. Conversion only; the logic is in
 //! `lazy_restore_core::remote`.
 
-use crate::NativeTaskPlan;
-use lazy_restore_core::plan::{RangePlan, TaskPlan};
+use crate::{num, task_plans, u64_of, NativeTaskPlan};
 use lazy_restore_core::remote::server::{PageServer, ServerConfig};
 use lazy_restore_core::remote::store::PageStore;
 use lazy_restore_core::PageSource;
@@ -47,38 +46,13 @@ pub struct NativePageServer {
     port: u32,
 }
 
-fn big(b: &napi::bindgen_prelude::BigInt, what: &str, pid: i32) -> napi::Result<u64> {
-    let (negative, v, lossless) = b.get_u64();
-    if negative || !lossless {
-        return Err(napi::Error::from_reason(format!("task {pid}: range {what} must be a BigInt in 0..2^64")));
-    }
-    Ok(v)
-}
-
-fn num(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 /// Opens the page files and starts listening; throws with the reason (bad plan, bind failure).
 #[napi]
 pub fn start_page_server(
     config: NativePageServerConfig,
     on_log: Option<ThreadsafeFunction<String>>,
 ) -> napi::Result<NativePageServer> {
-    let mut tasks = Vec::with_capacity(config.tasks.len());
-    for t in &config.tasks {
-        let mut ranges = Vec::with_capacity(t.ranges.len());
-        for r in &t.ranges {
-            ranges.push(RangePlan {
-                start: big(&r.start, "start", t.pid)?,
-                pages: u64::try_from(r.pages)
-                    .map_err(|_| napi::Error::from_reason(format!("task {}: negative page count", t.pid)))?,
-                file: r.file,
-                offset: big(&r.offset, "offset", t.pid)?,
-            });
-        }
-        tasks.push(TaskPlan { pid: t.pid, ranges });
-    }
+    let tasks = task_plans(&config.tasks).map_err(napi::Error::from_reason)?;
     let files: Vec<PathBuf> = config.files.iter().map(PathBuf::from).collect();
     let store = PageStore::open(tasks, &files).map_err(|e| napi::Error::from_reason(e.to_string()))?;
     let log: Arc<dyn Fn(&str) + Send + Sync> = match on_log {
@@ -205,9 +179,9 @@ pub fn connect_source(
                     .starts
                     .iter()
                     .zip(&t.pages)
-                    .map(|(s, &n)| big(s, "start", t.pid).map(|a| (a, u64::from(n))))
-                    .collect::<napi::Result<Vec<_>>>()
-                    .map_err(|e| ("PLAN_INVALID", e.reason.clone()))?;
+                    .map(|(s, &n)| u64_of(s, "start", t.pid).map(|a| (a, u64::from(n))))
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|e| ("PLAN_INVALID", e))?;
                 lazy.push(LazyTask { pid: t.pid, ranges });
             }
             let layout = if r.criu42.unwrap_or(false) { HeaderLayout::Criu42 } else { HeaderLayout::Criu41 };
