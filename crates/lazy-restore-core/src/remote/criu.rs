@@ -122,6 +122,8 @@ struct Asked {
     pid: i32,
     addr: u64,
     pages: u64,
+    /// Asked for the background (the caller's tag, carried to the reply).
+    background: bool,
 }
 
 /// A reply: `data` holds the pages of `pid` from image address `addr`.
@@ -130,6 +132,8 @@ pub struct Reply {
     pub pid: i32,
     pub addr: u64,
     pub data: Vec<u8>,
+    /// The tag the GET was sent with.
+    pub background: bool,
 }
 
 impl CriuClient {
@@ -189,8 +193,9 @@ impl CriuClient {
 
     /// Sends a GET for `pages` pages of `pid` at `addr` without waiting for the reply (the
     /// server answers GETs in the order they were sent: [`CriuClient::recv`]). Refuses, before
-    /// sending anything, pages the source does not hold lazily.
-    pub fn send_get(&mut self, pid: i32, addr: u64, pages: u64) -> Result<(), RemoteError> {
+    /// sending anything, pages the source does not hold lazily. `background` is a tag the
+    /// reply carries back (and [`CriuClient::background_pages`] counts).
+    pub fn send_get(&mut self, pid: i32, addr: u64, pages: u64, background: bool) -> Result<(), RemoteError> {
         if pages == 0 || !self.holds(pid, addr, pages) {
             return Err(RemoteError::NotLazy { pid, addr, pages });
         }
@@ -201,8 +206,13 @@ impl CriuClient {
         if let Err(e) = self.writer.write_all(&req) {
             return Err(self.lost(format!("sending GET: {e}")));
         }
-        self.outstanding.push_back(Asked { pid, addr, pages });
+        self.outstanding.push_back(Asked { pid, addr, pages, background });
         Ok(())
+    }
+
+    /// Pages asked for with the background tag and not answered yet.
+    pub fn background_pages(&self) -> u64 {
+        self.outstanding.iter().filter(|a| a.background).map(|a| a.pages).sum()
     }
 
     /// GETs in flight, and the pages they asked for.
@@ -223,7 +233,7 @@ impl CriuClient {
             return Err(RemoteError::Protocol { addr: self.addr.clone(), what: "no GET in flight to read a reply for".into() });
         };
         let hl = self.layout.header_len();
-        let Asked { pid, addr, pages } = asked;
+        let Asked { pid, addr, pages, background } = asked;
         let mut h = [0u8; 32];
         if let Err(e) = self.reader.read_exact(&mut h[..hl]) {
             return Err(self.lost(format!("reading the reply to GET {addr:#x}: {e}")));
@@ -245,9 +255,9 @@ impl CriuClient {
         }
         self.got.insert(pid, addr, addr + r.nr_pages * PAGE);
         if r.nr_pages < pages {
-            self.send_get(pid, addr + r.nr_pages * PAGE, pages - r.nr_pages)?;
+            self.send_get(pid, addr + r.nr_pages * PAGE, pages - r.nr_pages, background)?;
         }
-        Ok(Reply { pid, addr, data })
+        Ok(Reply { pid, addr, data, background })
     }
 
     /// Fetches `buf.len() / 4096` pages of `pid` at image address `addr` and waits for them
@@ -257,7 +267,7 @@ impl CriuClient {
             return Err(RemoteError::Protocol { addr: self.addr.clone(), what: "a blocking GET while pipelined GETs are in flight".into() });
         }
         let end = addr + buf.len() as u64;
-        self.send_get(pid, addr, (buf.len() as u64) / PAGE)?;
+        self.send_get(pid, addr, (buf.len() as u64) / PAGE, false)?;
         while !self.outstanding.is_empty() {
             let r = self.recv()?;
             let at = (r.addr - addr) as usize;
@@ -365,13 +375,10 @@ struct Session {
     stash: BTreeMap<(i32, u64), Vec<u8>>,
     /// Background pieces announced and not asked for yet, in order, with their job key.
     plan: VecDeque<(u64, i32, u64, u64)>,
-    /// Background pages in flight, and the most there ever were.
-    bg_pages: u64,
+    /// The most background pages that were ever in flight at once.
     max_bg_pages: u64,
     stash_bytes: u64,
     counters: Arc<SourceCounters>,
-    /// GETs in flight that are background (front = oldest), to account `bg_pages`.
-    kinds: VecDeque<(bool, u64)>,
     last_key: u64,
 }
 
@@ -395,15 +402,11 @@ const MAX_REPLY: u64 = 1 << 30;
 
 impl Session {
     fn send(&mut self, pid: i32, addr: u64, pages: u64, background: bool) -> Result<(), RemoteError> {
-        let before = self.c.in_flight().0;
-        self.c.send_get(pid, addr, pages)?;
-        debug_assert_eq!(self.c.in_flight().0, before + 1);
-        self.kinds.push_back((background, pages));
+        self.c.send_get(pid, addr, pages, background)?;
         let c = &self.counters;
         SourceCounters::add(if background { &c.bulk_requests } else { &c.urgent_requests }, 1);
         if background {
-            self.bg_pages += pages;
-            self.max_bg_pages = self.max_bg_pages.max(self.bg_pages);
+            self.max_bg_pages = self.max_bg_pages.max(self.c.background_pages());
         }
         Ok(())
     }
@@ -411,21 +414,8 @@ impl Session {
     /// Reads one reply into the stash.
     fn recv(&mut self) -> Result<(), RemoteError> {
         let r = self.c.recv()?;
-        let n = (r.data.len() as u64) / PAGE;
         SourceCounters::add(&self.counters.page_bytes, r.data.len() as u64);
         SourceCounters::add(&self.counters.wire_bytes, r.data.len() as u64 + self.c.layout.header_len() as u64);
-        if let Some((bg, asked)) = self.kinds.pop_front() {
-            if bg {
-                self.bg_pages = self.bg_pages.saturating_sub(asked);
-            }
-            // A short reply: the client asked for the rest at the back of the queue.
-            if n < asked {
-                self.kinds.push_back((bg, asked - n));
-                if bg {
-                    self.bg_pages += asked - n;
-                }
-            }
-        }
         self.stash_bytes += r.data.len() as u64;
         self.stash.insert((r.pid, r.addr), r.data);
         // Replies nobody reads (a job whose pages were dropped meanwhile) must not pile up;
@@ -511,7 +501,7 @@ impl Session {
             let n = if self.c.asked(pid, addr) || self.stashed(pid, addr) {
                 1
             } else {
-                let n = pages.min(piece).min(cap_pages.saturating_sub(self.bg_pages));
+                let n = pages.min(piece).min(cap_pages.saturating_sub(self.c.background_pages()));
                 if n == 0 {
                     break;
                 }
@@ -539,11 +529,9 @@ impl CriuSource {
                 c: client,
                 stash: BTreeMap::new(),
                 plan: VecDeque::new(),
-                bg_pages: 0,
                 max_bg_pages: 0,
                 stash_bytes: 0,
                 counters,
-                kinds: VecDeque::new(),
                 last_key: 0,
             }),
             urgent_waiting: AtomicUsize::new(0),
@@ -613,7 +601,7 @@ impl PageSource for CriuSource {
                 return Ok(());
             }
             // This read first (within the cap), then the announced plan.
-            let budget = cap.saturating_sub(s.bg_pages);
+            let budget = cap.saturating_sub(s.c.background_pages());
             if budget > 0 {
                 s.ask_gaps(pid, offset, end, &got, piece, true, Some(budget))
                     .map_err(SourceError::Remote)?;
