@@ -92,7 +92,7 @@ impl Engine {
         if config.map_page_files {
             source.map_files();
         }
-        Self::start_with_source(config, Arc::new(source), on_event)
+        Self::start_checked(config, Arc::new(source), on_event)
     }
 
     /// Like [`Engine::start`], with pages from `source` (a remote page server, say) instead
@@ -103,6 +103,15 @@ impl Engine {
         on_event: EventSink,
     ) -> Result<EngineHandle, EngineError> {
         Self::check(&config)?;
+        Self::start_checked(config, source, on_event)
+    }
+
+    /// Starts on a config that passed [`Engine::check`].
+    fn start_checked(
+        config: EngineConfig,
+        source: Arc<dyn PageSource + Sync>,
+        on_event: EventSink,
+    ) -> Result<EngineHandle, EngineError> {
         // Before the socket listens: once criu restore can connect, every uffd we receive
         // must get a second holder that outlives this process.
         let guardian = match (&config.guardian, config.kill_on_fatal) {
